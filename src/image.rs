@@ -1,0 +1,845 @@
+//! The engine. Formats describe where guest bytes live (`BlockMap` -> `Extent`); the engine does
+//! the guest-data I/O itself, follows backing chains, and enforces the safety rules that apply to
+//! every format (read-only, raw-magic promotion, degrade-on-corruption).
+//!
+//! ```text
+//!   read_at(off, len):  map_read -> Data{host}  -> pread data file
+//!                                -> Zero        -> fill zeros
+//!                                -> Backing     -> backing.read_at (zeros past its end)
+//!                                -> Format      -> map.read_format (compressed clusters)
+//!   write_at(off, buf): map_write (allocates, fills the rest of the cluster) -> pwrite
+//! ```
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::formats;
+use crate::host::HostFile;
+use crate::lock::{self, LockMode};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Default metadata cache budget per image: enough L2 tables to map a 1 TiB qcow2 with 64 KiB
+/// clusters twice over a 64 GiB working set, small enough for a 16 MiB RSS target.
+pub const DEFAULT_CACHE_SIZE: u64 = 4 << 20;
+pub const DEFAULT_MAX_CHAIN: usize = 16;
+
+/// One run of guest bytes starting at the offset asked for. `len` is never 0 and never more
+/// than was asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Extent {
+    /// Stored in the data file (the image file, or an external data file) at `host`.
+    Data { host: u64, len: u64 },
+    /// Reads as zeros.
+    Zero { len: u64 },
+    /// Not allocated here: read from the backing image at the same guest offset (zeros when
+    /// there is none, or past its end).
+    Backing { len: u64 },
+    /// The format serves these bytes itself through `read_format` (compressed clusters).
+    Format { len: u64 },
+}
+
+impl Extent {
+    pub fn len(&self) -> u64 {
+        match *self {
+            Extent::Data { len, .. }
+            | Extent::Zero { len }
+            | Extent::Backing { len }
+            | Extent::Format { len } => len,
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A backing file as the image header names it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BackingRef {
+    pub name: String,
+    /// Format named by the image (qcow2 backing format extension, QED raw flag...).
+    pub format: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ImageInfo {
+    pub format: &'static str,
+    pub virtual_size: u64,
+    /// Allocation unit (cluster, block); discards are aligned to it.
+    pub cluster_size: u64,
+    pub backing: Option<BackingRef>,
+    /// Format-specific facts for `imgfs info` (version, dirty flags, log state...).
+    pub details: serde_json::Map<String, serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SnapshotInfo {
+    pub id: String,
+    pub name: String,
+    pub virtual_size: u64,
+    pub vm_state_size: u64,
+    pub date_sec: u64,
+    pub date_nsec: u32,
+    pub vm_clock_nsec: u64,
+}
+
+/// Counters a format keeps for `imgfs stats`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct FormatStats {
+    pub cache: crate::cache::CacheStats,
+    pub clusters_allocated: u64,
+    pub log_entries_written: u64,
+    pub log_entries_replayed: u64,
+}
+
+/// What the engine offers a format while it writes: the guest-visible bytes *below* this image
+/// (its backing chain, zeros where there is none), for copy-on-write fills.
+pub trait Below {
+    fn read_below(&self, off: u64, buf: &mut [u8]) -> Result<()>;
+}
+
+/// No backing: everything below reads as zeros.
+pub struct NoBelow;
+impl Below for NoBelow {
+    fn read_below(&self, _off: u64, buf: &mut [u8]) -> Result<()> {
+        buf.fill(0);
+        Ok(())
+    }
+}
+
+/// One image format's map from guest offsets to where the bytes are. Implementations own their
+/// metadata (tables, refcounts, logs) and their locking; they never open other images.
+pub trait BlockMap: Send + Sync {
+    fn info(&self) -> ImageInfo;
+
+    /// Where the guest bytes at `off` live, for at most `len` bytes.
+    fn map_read(&self, off: u64, len: u64) -> Result<Extent>;
+
+    /// Like `map_read`, but for SEEK_DATA/SEEK_HOLE; may say `Zero` for host holes.
+    fn map_status(&self, off: u64, len: u64) -> Result<Extent> {
+        self.map_read(off, len)
+    }
+
+    /// Serve an `Extent::Format` run (decompress, decrypt...).
+    fn read_format(&self, off: u64, _buf: &mut [u8]) -> Result<()> {
+        Err(Error::unsupported("format-served extent not supported").at(off))
+    }
+
+    /// Make `[off, off+len)` writable in place and return where (a `Data` extent, possibly
+    /// shorter than `len`). Allocates as the format requires: the rest of a freshly allocated
+    /// cluster is filled (from `below`, from the old cluster, or zeros) before this returns, so
+    /// the engine only writes the guest bytes.
+    fn map_write(&self, off: u64, len: u64, below: &dyn Below) -> Result<Extent>;
+
+    /// Make a cluster-aligned range read as zeros through metadata, freeing space when `unmap`.
+    /// Returns false when the format cannot express it; the engine then writes zero bytes.
+    fn write_zeroes(&self, off: u64, len: u64, unmap: bool, below: &dyn Below) -> Result<bool>;
+
+    /// Make all completed writes and all metadata durable, in a crash-safe order.
+    fn flush(&self) -> Result<()>;
+
+    /// Flush and mark the image cleanly closed (clear dirty / need-check flags).
+    fn close(&self) -> Result<()> {
+        self.flush()
+    }
+
+    /// The file `Data` extents point into when it is not the image file itself.
+    fn data_file(&self) -> Option<HostFile> {
+        None
+    }
+
+    fn stats(&self) -> FormatStats {
+        FormatStats::default()
+    }
+
+    fn snapshots(&self) -> Vec<SnapshotInfo> {
+        Vec::new()
+    }
+
+    /// A read-only view of an internal snapshot (qcow2).
+    fn open_snapshot(&self, id: &str) -> Result<Box<dyn BlockMap>> {
+        Err(Error::unsupported(format!("no snapshot {id:?}")))
+    }
+}
+
+/// What a format is told when it opens a file.
+pub struct OpenCtx<'a> {
+    pub read_only: bool,
+    /// Metadata cache budget in bytes.
+    pub cache_size: u64,
+    /// Opens a file the image names (e.g. a qcow2 external data file) under the safety policy.
+    pub open_sibling: &'a dyn Fn(&str) -> Result<HostFile>,
+}
+
+/// What `create` is asked for.
+#[derive(Debug, Clone, Default)]
+pub struct CreateOpts {
+    pub size: u64,
+    pub backing: Option<BackingRef>,
+    /// Info of the opened backing image, when there is one.
+    pub backing_info: Option<ImageInfo>,
+    /// `-o key=value` options; a format must refuse keys it does not know.
+    pub options: BTreeMap<String, String>,
+}
+
+/// How much `check` may repair (qemu-img's `-r`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Repair {
+    None,
+    Leaks,
+    All,
+}
+
+/// What `check` found (and fixed), shaped like qemu-img check's report.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CheckReport {
+    /// Structural errors: refcount too low, entries out of range or overlapping metadata...
+    pub corruptions: u64,
+    /// Allocated but unreferenced clusters.
+    pub leaks: u64,
+    pub corruptions_fixed: u64,
+    pub leaks_fixed: u64,
+    pub allocated_clusters: u64,
+    pub total_clusters: u64,
+    /// One line per problem: what and where.
+    pub messages: Vec<String>,
+}
+
+impl CheckReport {
+    /// qemu-img check's exit code: 0 clean, 2 corruptions remain, 3 only leaks remain.
+    pub fn exit_code(&self) -> i32 {
+        if self.corruptions > self.corruptions_fixed {
+            2
+        } else if self.leaks > self.leaks_fixed {
+            3
+        } else {
+            0
+        }
+    }
+}
+
+pub trait Format: Sync {
+    fn name(&self) -> &'static str;
+    /// Does this file start with this format's magic? `head` is the first 4 KiB (or less).
+    fn probe(&self, head: &[u8]) -> bool;
+    fn open(&self, file: HostFile, ctx: &OpenCtx) -> Result<Box<dyn BlockMap>>;
+    /// Check (and with `repair`, fix) an image's metadata. `file` is open read-write when
+    /// repairing, read-only otherwise.
+    fn check(&self, _file: HostFile, _repair: Repair) -> Result<CheckReport> {
+        Err(Error::unsupported(format!(
+            "checking {} images is not supported",
+            self.name()
+        )))
+    }
+    /// Write a new empty image into `file` (already created, empty).
+    fn create(&self, _file: &HostFile, _opts: &CreateOpts) -> Result<()> {
+        Err(Error::unsupported(format!(
+            "creating {} images is not supported",
+            self.name()
+        )))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct OpenOpts {
+    pub read_only: bool,
+    /// Format given by the user; None probes.
+    pub format: Option<String>,
+    pub cache_size: u64,
+    /// Allow backing / data files outside the image's directory.
+    pub allow_backing_outside: bool,
+    pub max_chain: usize,
+    /// Take QEMU-compatible OFD locks.
+    pub lock: bool,
+}
+
+impl Default for OpenOpts {
+    fn default() -> Self {
+        OpenOpts {
+            read_only: false,
+            format: None,
+            cache_size: DEFAULT_CACHE_SIZE,
+            allow_backing_outside: false,
+            max_chain: DEFAULT_MAX_CHAIN,
+            lock: true,
+        }
+    }
+}
+
+/// Per-image I/O counters for `imgfs stats`.
+#[derive(Debug, Default)]
+pub struct IoStats {
+    pub reads: AtomicU64,
+    pub writes: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub bytes_written: AtomicU64,
+    pub discards: AtomicU64,
+    pub flushes: AtomicU64,
+    pub flush_ns_total: AtomicU64,
+    pub flush_ns_max: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+/// An open image with its backing chain: what the FUSE layer reads and writes.
+pub struct Image {
+    path: PathBuf,
+    file: HostFile,
+    data: HostFile,
+    map: Box<dyn BlockMap>,
+    format: &'static str,
+    backing: Option<Arc<Image>>,
+    read_only: bool,
+    /// Raw image whose format was probed: refuse writes that would give it an image magic.
+    probed_raw: bool,
+    /// Set when a corrupt structure was found at runtime: no further writes.
+    degraded: AtomicBool,
+    closed: AtomicBool,
+    size: u64,
+    granule: u64,
+    pub stats: IoStats,
+}
+
+impl std::fmt::Debug for Image {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Image({}, {})", self.path.display(), self.format)
+    }
+}
+
+/// Head bytes read for probing.
+const PROBE_LEN: usize = 4096;
+
+impl Image {
+    /// Open an image file and its backing chain.
+    pub fn open(path: &Path, opts: &OpenOpts) -> Result<Image> {
+        Self::open_at_depth(path, opts, 0)
+    }
+
+    fn open_at_depth(path: &Path, opts: &OpenOpts, depth: usize) -> Result<Image> {
+        let file = HostFile::open(path, !opts.read_only)?;
+        if opts.lock {
+            lock::acquire(&file, lock_mode(opts.read_only))?;
+        }
+        Self::open_host_at_depth(file, opts, depth)
+    }
+
+    /// Open an image on an already opened host file (used by crash tests with `FaultFile`).
+    /// Backing and data files are still looked up beside `file.path()`.
+    pub fn open_host(file: HostFile, opts: &OpenOpts) -> Result<Image> {
+        Self::open_host_at_depth(file, opts, 0)
+    }
+
+    fn open_host_at_depth(file: HostFile, opts: &OpenOpts, depth: usize) -> Result<Image> {
+        let path = &file.path().to_path_buf();
+        let mut head = vec![0u8; PROBE_LEN];
+        let n = file.read_at(&mut head, 0)?;
+        head.truncate(n);
+        let (format, probed) = match &opts.format {
+            Some(name) => (formats::by_name(name).map_err(|e| e.in_file(path))?, false),
+            None => (formats::probe(&head), true),
+        };
+        let dir = image_dir(path);
+        let open_sibling = |name: &str| -> Result<HostFile> {
+            let p = resolve_named_file(&dir, name, opts.allow_backing_outside)
+                .map_err(|e| e.in_file(path))?;
+            let f = HostFile::open(&p, !opts.read_only)?;
+            if opts.lock {
+                lock::acquire(&f, lock_mode(opts.read_only))?;
+            }
+            Ok(f)
+        };
+        let ctx = OpenCtx {
+            read_only: opts.read_only,
+            cache_size: opts.cache_size,
+            open_sibling: &open_sibling,
+        };
+        let map = format
+            .open(file.clone(), &ctx)
+            .map_err(|e| e.in_file(path))?;
+        let info = map.info();
+        let backing = match &info.backing {
+            None => None,
+            Some(b) => Some(Arc::new(Self::open_backing(path, &dir, b, opts, depth)?)),
+        };
+        let data = map.data_file().unwrap_or_else(|| file.clone());
+        Ok(Image {
+            path: path.to_path_buf(),
+            file,
+            data,
+            format: format.name(),
+            backing,
+            read_only: opts.read_only,
+            probed_raw: probed && format.name() == "raw",
+            degraded: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            size: info.virtual_size,
+            granule: info.cluster_size.max(1),
+            map,
+            stats: IoStats::default(),
+        })
+    }
+
+    fn open_backing(
+        path: &Path,
+        dir: &Path,
+        b: &BackingRef,
+        opts: &OpenOpts,
+        depth: usize,
+    ) -> Result<Image> {
+        if depth + 1 >= opts.max_chain {
+            return Err(Error::unsupported(format!(
+                "backing chain deeper than {} images (at {:?})",
+                opts.max_chain, b.name
+            ))
+            .in_file(path));
+        }
+        let bpath = resolve_named_file(dir, &b.name, opts.allow_backing_outside)
+            .map_err(|e| e.in_file(path))?;
+        let bopts = OpenOpts {
+            read_only: true,
+            format: b.format.clone(),
+            ..opts.clone()
+        };
+        Self::open_at_depth(&bpath, &bopts, depth + 1).map_err(|e| {
+            let msg = format!("backing file {}: {}", b.name, e);
+            Error::new(e.kind(), msg).in_file(path)
+        })
+    }
+
+    /// A read-only image showing internal snapshot `id` over the same backing chain.
+    pub fn open_snapshot(&self, id: &str) -> Result<Image> {
+        let map = self.map.open_snapshot(id)?;
+        let info = map.info();
+        Ok(Image {
+            path: self.path.clone(),
+            file: self.file.clone(),
+            data: map.data_file().unwrap_or_else(|| self.data.clone()),
+            format: self.format,
+            backing: self.backing.clone(),
+            read_only: true,
+            probed_raw: false,
+            degraded: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            size: info.virtual_size,
+            granule: info.cluster_size.max(1),
+            map,
+            stats: IoStats::default(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+    pub fn format(&self) -> &'static str {
+        self.format
+    }
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+    pub fn is_degraded(&self) -> bool {
+        self.degraded.load(Ordering::Relaxed)
+    }
+    pub fn backing(&self) -> Option<&Arc<Image>> {
+        self.backing.as_ref()
+    }
+    pub fn info(&self) -> ImageInfo {
+        self.map.info()
+    }
+    pub fn format_stats(&self) -> FormatStats {
+        self.map.stats()
+    }
+    pub fn snapshots(&self) -> Vec<SnapshotInfo> {
+        self.map.snapshots()
+    }
+    /// Host bytes used by the image file (and its external data file).
+    pub fn host_allocated(&self) -> u64 {
+        let mut n = self.file.allocated().unwrap_or(0);
+        if self.map.data_file().is_some() {
+            n += self.data.allocated().unwrap_or(0);
+        }
+        n
+    }
+    pub fn host_len(&self) -> u64 {
+        self.file.len().unwrap_or(0)
+    }
+
+    fn check_range(&self, off: u64, len: u64) -> Result<()> {
+        match off.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(Error::invalid(format!(
+                "range {off:#x}+{len:#x} past the virtual size {:#x}",
+                self.size
+            ))
+            .in_file(&self.path)),
+        }
+    }
+
+    /// Note a failure: count it, log it, and stop writing after corruption.
+    fn failed(&self, op: &str, off: u64, e: Error) -> Error {
+        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        let e = e.in_file(&self.path);
+        if e.kind() == ErrorKind::Corrupt && !self.degraded.swap(true, Ordering::Relaxed) {
+            log::error!(
+                "{}: {op} at guest offset {off:#x}: {e}; image switched to read-only",
+                self.path.display()
+            );
+        } else {
+            log::warn!(
+                "{}: {op} at guest offset {off:#x}: {e}",
+                self.path.display()
+            );
+        }
+        e
+    }
+
+    /// Read guest bytes. The range must lie inside the virtual size.
+    pub fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        self.check_range(off, buf.len() as u64)?;
+        self.stats.reads.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .bytes_read
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        self.read_inner(buf, off)
+            .map_err(|e| self.failed("read", off, e))
+    }
+
+    fn read_inner(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = off + done as u64;
+            let want = (buf.len() - done) as u64;
+            let ext = self.map.map_read(pos, want)?;
+            let n = ext.len().min(want) as usize;
+            if n == 0 {
+                return Err(Error::corrupt("block map returned an empty extent").at(pos));
+            }
+            let part = &mut buf[done..done + n];
+            match ext {
+                Extent::Data { host, .. } => self.data.read_zerofill(part, host)?,
+                Extent::Zero { .. } => part.fill(0),
+                Extent::Backing { .. } => self.read_below(pos, part)?,
+                Extent::Format { .. } => self.map.read_format(pos, part)?,
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Write guest bytes. The range must lie inside the virtual size.
+    pub fn write_at(&self, buf: &[u8], off: u64) -> Result<()> {
+        self.check_writable()?;
+        self.check_range(off, buf.len() as u64)?;
+        if self.probed_raw && off < 512 {
+            self.check_raw_magic(buf, off)?;
+        }
+        self.stats.writes.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .bytes_written
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        self.write_inner(buf, off)
+            .map_err(|e| self.failed("write", off, e))
+    }
+
+    fn write_inner(&self, buf: &[u8], off: u64) -> Result<()> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = off + done as u64;
+            let want = (buf.len() - done) as u64;
+            let ext = self.map.map_write(pos, want, self)?;
+            let Extent::Data { host, len } = ext else {
+                return Err(Error::corrupt(format!("map_write gave {ext:?}")).at(pos));
+            };
+            let n = len.min(want) as usize;
+            if n == 0 {
+                return Err(Error::corrupt("block map returned an empty extent").at(pos));
+            }
+            self.data.write_all_at(&buf[done..done + n], host)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.read_only {
+            return Err(Error::read_only("image is mounted read-only").in_file(&self.path));
+        }
+        if self.is_degraded() {
+            return Err(Error::read_only(
+                "image switched to read-only after finding corrupt metadata",
+            )
+            .in_file(&self.path));
+        }
+        Ok(())
+    }
+
+    /// A guest must not turn a probed raw image into something imgfs (or QEMU) would later
+    /// probe as another format, e.g. a qcow2 header naming a host file as its backing file.
+    fn check_raw_magic(&self, buf: &[u8], off: u64) -> Result<()> {
+        let mut sector = vec![0u8; 512];
+        self.read_inner(&mut sector, 0)?;
+        let start = off as usize;
+        let n = (512 - start).min(buf.len());
+        sector[start..start + n].copy_from_slice(&buf[..n]);
+        let fmt = formats::probe(&sector);
+        if fmt.name() != "raw" {
+            return Err(Error::new(
+                ErrorKind::Permission,
+                format!(
+                    "refusing to write a {} header into a raw image whose format was probed \
+                     (mount with --format raw to allow it)",
+                    fmt.name()
+                ),
+            )
+            .in_file(&self.path));
+        }
+        Ok(())
+    }
+
+    /// Make `[off, off+len)` read as zeros; `unmap` also frees space where the format can.
+    pub fn write_zeroes(&self, off: u64, len: u64, unmap: bool) -> Result<()> {
+        self.check_writable()?;
+        self.check_range(off, len)?;
+        self.stats.discards.fetch_add(1, Ordering::Relaxed);
+        self.zero_inner(off, len, unmap)
+            .map_err(|e| self.failed("discard", off, e))
+    }
+
+    fn zero_inner(&self, off: u64, len: u64, unmap: bool) -> Result<()> {
+        let end = off + len;
+        let g = self.granule;
+        let mid_start = off.div_ceil(g) * g;
+        let mid_end = (end / g * g).max(mid_start);
+        if mid_start >= end || mid_end <= mid_start {
+            return self.write_zero_bytes(off, len);
+        }
+        self.write_zero_bytes(off, mid_start - off)?;
+        if !self
+            .map
+            .write_zeroes(mid_start, mid_end - mid_start, unmap, self)?
+        {
+            self.write_zero_bytes(mid_start, mid_end - mid_start)?;
+        }
+        self.write_zero_bytes(mid_end, end - mid_end)
+    }
+
+    fn write_zero_bytes(&self, off: u64, len: u64) -> Result<()> {
+        const CHUNK: u64 = 1 << 20;
+        let zeros = vec![0u8; CHUNK.min(len) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(CHUNK);
+            self.write_inner(&zeros[..n as usize], off + done)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Make everything written so far durable.
+    pub fn flush(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        let t = Instant::now();
+        self.stats.flushes.fetch_add(1, Ordering::Relaxed);
+        let r = self.map.flush().map_err(|e| self.failed("flush", 0, e));
+        let ns = t.elapsed().as_nanos() as u64;
+        self.stats.flush_ns_total.fetch_add(ns, Ordering::Relaxed);
+        self.stats.flush_ns_max.fetch_max(ns, Ordering::Relaxed);
+        r
+    }
+
+    /// Flush and close cleanly (clear dirty flags). Idempotent; the backing chain is read-only
+    /// and needs no close.
+    pub fn close(&self) -> Result<()> {
+        if self.closed.swap(true, Ordering::SeqCst) || self.read_only {
+            return Ok(());
+        }
+        if self.is_degraded() {
+            // Write back what is safe, but do not mark a damaged image clean.
+            return self.map.flush().map_err(|e| e.in_file(&self.path));
+        }
+        self.map.close().map_err(|e| e.in_file(&self.path))
+    }
+
+    /// Next guest offset >= `off` that holds data (SEEK_DATA); None when only holes follow.
+    pub fn seek_data(&self, off: u64) -> Result<Option<u64>> {
+        self.seek(off, true)
+    }
+
+    /// Next guest offset >= `off` in a hole (SEEK_HOLE); the virtual size if none.
+    pub fn seek_hole(&self, off: u64) -> Result<u64> {
+        Ok(self.seek(off, false)?.unwrap_or(self.size))
+    }
+
+    fn seek(&self, mut off: u64, want_data: bool) -> Result<Option<u64>> {
+        while off < self.size {
+            let ext = self.map.map_status(off, self.size - off)?;
+            let n = ext.len().max(1);
+            let is_data = match ext {
+                Extent::Data { .. } | Extent::Format { .. } => Some(true),
+                Extent::Zero { .. } => Some(false),
+                Extent::Backing { .. } => None,
+            };
+            match is_data {
+                Some(d) if d == want_data => return Ok(Some(off)),
+                Some(_) => {}
+                None => {
+                    // Ask the backing chain about this run.
+                    if let Some(found) = self.seek_below(off, n, want_data)? {
+                        return Ok(Some(found));
+                    }
+                }
+            }
+            off += n;
+        }
+        Ok(None)
+    }
+
+    fn seek_below(&self, off: u64, len: u64, want_data: bool) -> Result<Option<u64>> {
+        let Some(b) = &self.backing else {
+            return Ok((!want_data).then_some(off));
+        };
+        if off >= b.size {
+            return Ok((!want_data).then_some(off));
+        }
+        let end = (off + len).min(b.size);
+        let found = if want_data {
+            b.seek_data(off)?
+        } else {
+            Some(b.seek_hole(off)?)
+        };
+        Ok(match found {
+            Some(p) if p < end => Some(p),
+            _ if !want_data && off + len > b.size => Some(b.size),
+            _ => None,
+        })
+    }
+}
+
+impl Below for Image {
+    /// The bytes this image's backing chain shows at `off` (zeros without one or past its end).
+    fn read_below(&self, off: u64, buf: &mut [u8]) -> Result<()> {
+        match &self.backing {
+            None => {
+                buf.fill(0);
+                Ok(())
+            }
+            Some(b) => {
+                let inside = b.size.saturating_sub(off).min(buf.len() as u64) as usize;
+                let (head, tail) = buf.split_at_mut(inside);
+                if !head.is_empty() {
+                    b.read_inner(head, off)?;
+                }
+                tail.fill(0);
+                Ok(())
+            }
+        }
+    }
+}
+
+impl Image {
+    fn read_below(&self, off: u64, buf: &mut [u8]) -> Result<()> {
+        Below::read_below(self, off, buf)
+    }
+}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        if let Err(e) = self.close() {
+            log::error!("closing {}: {e}", self.path.display());
+        }
+    }
+}
+
+fn lock_mode(read_only: bool) -> LockMode {
+    if read_only {
+        LockMode::Read
+    } else {
+        LockMode::Write
+    }
+}
+
+fn image_dir(path: &Path) -> PathBuf {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
+    let dir = dir.unwrap_or(Path::new("."));
+    dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf())
+}
+
+/// Resolve a file name found in an image header (backing file, data file) under the safety
+/// policy: a plain local path, relative names taken from the image's directory, and (unless
+/// allowed) no escape from that directory.
+pub fn resolve_named_file(dir: &Path, name: &str, allow_outside: bool) -> Result<PathBuf> {
+    if name.is_empty() {
+        return Err(Error::invalid("empty file name in image header"));
+    }
+    let is_protocol = name
+        .split_once(':')
+        .is_some_and(|(p, _)| !p.is_empty() && !p.contains('/'));
+    if is_protocol {
+        return Err(Error::new(
+            ErrorKind::Permission,
+            format!("file name {name:?} in image header is not a plain local path; refused"),
+        ));
+    }
+    let p = Path::new(name);
+    let joined = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        dir.join(p)
+    };
+    let resolved = joined.canonicalize().map_err(|e| {
+        Error::io(
+            format!("cannot open file {name:?} named in image header"),
+            e,
+        )
+    })?;
+    if !allow_outside && !resolved.starts_with(dir) {
+        return Err(Error::new(
+            ErrorKind::Permission,
+            format!(
+                "file {name:?} named in image header lies outside the image's directory {}; \
+                 pass --allow-backing-outside to permit it",
+                dir.display()
+            ),
+        ));
+    }
+    Ok(resolved)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolve_refuses_protocols_and_escapes() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().canonicalize().unwrap();
+        std::fs::write(dir.join("base.img"), b"x").unwrap();
+        std::fs::create_dir(dir.join("sub")).unwrap();
+        std::fs::write(dir.join("sub/b2.img"), b"x").unwrap();
+        assert_eq!(
+            resolve_named_file(&dir, "base.img", false).unwrap(),
+            dir.join("base.img")
+        );
+        assert!(resolve_named_file(&dir, "sub/b2.img", false).is_ok());
+        let abs = dir.join("base.img");
+        assert!(resolve_named_file(&dir, abs.to_str().unwrap(), false).is_ok());
+        for bad in ["json:{\"file\":1}", "nbd://host/x", "http:x"] {
+            let e = resolve_named_file(&dir, bad, false).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Permission, "{bad}");
+        }
+        let e = resolve_named_file(&dir.join("sub"), "../base.img", false).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Permission);
+        assert!(resolve_named_file(&dir.join("sub"), "../base.img", true).is_ok());
+        assert_eq!(
+            resolve_named_file(&dir, "missing.img", false)
+                .unwrap_err()
+                .kind(),
+            ErrorKind::NotFound
+        );
+    }
+}

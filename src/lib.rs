@@ -1,0 +1,12 @@
+//! imgfs: expose virtual-machine disk images as flat raw files over FUSE.
+
+pub mod cache;
+pub mod crashsim;
+pub mod error;
+pub mod formats;
+pub mod host;
+pub mod image;
+pub mod lock;
+
+pub use error::{Error, ErrorKind, Result};
+pub use image::{Image, OpenOpts};

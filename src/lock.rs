@@ -1,0 +1,160 @@
+//! Image locking compatible with QEMU's: open-file-description (OFD) byte-range locks on the
+//! image file, one byte per permission, so that qemu-img/qemu-nbd/QEMU refuse to write an image
+//! imgfs has open and imgfs refuses an image QEMU is writing.
+//!
+//! ```text
+//!   byte 100 + bit   shared lock held  = "I use permission `bit`"
+//!   byte 200 + bit   shared lock held  = "I do not let others use permission `bit`"
+//!   bit: 0 consistent read, 1 write, 2 write unchanged, 3 resize
+//! ```
+//! Taking a permission conflicts with anyone holding the matching 200+bit byte; denying it
+//! conflicts with anyone holding 100+bit.
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::host::HostFile;
+use std::io;
+use std::os::unix::io::RawFd;
+
+const PERM_BASE: i64 = 100;
+const SHARED_BASE: i64 = 200;
+const PERM_READ: u32 = 0;
+const PERM_WRITE: u32 = 1;
+const PERM_WRITE_UNCHANGED: u32 = 2;
+const PERM_RESIZE: u32 = 3;
+const PERM_BITS: u32 = 4;
+const PERM_NAMES: [&str; 4] = ["consistent read", "write", "write unchanged", "resize"];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockMode {
+    /// Read; others may read too but not write.
+    Read,
+    /// Read and write; others may read but not write.
+    Write,
+}
+
+impl LockMode {
+    fn perms(self) -> u32 {
+        match self {
+            LockMode::Read => 1 << PERM_READ,
+            LockMode::Write => (1 << PERM_READ) | (1 << PERM_WRITE) | (1 << PERM_RESIZE),
+        }
+    }
+    fn shared(self) -> u32 {
+        (1 << PERM_READ) | (1 << PERM_WRITE_UNCHANGED)
+    }
+}
+
+/// Lock `file` for `mode`, or fail with `ErrorKind::Locked` naming the conflicting permission.
+/// The locks live as long as the file's descriptor. In-memory files are not locked.
+pub fn acquire(file: &HostFile, mode: LockMode) -> Result<()> {
+    let Some(fd) = file.raw_fd() else {
+        return Ok(());
+    };
+    let locked = |why: String| {
+        Error::new(
+            ErrorKind::Locked,
+            format!("{why}: is another process (imgfs, QEMU) using the image?"),
+        )
+        .in_file(file.path())
+    };
+    let io_err = |e: io::Error| Error::io("cannot lock", e).in_file(file.path());
+    let (perms, shared) = (mode.perms(), mode.shared());
+    for bit in 0..PERM_BITS {
+        if perms & (1 << bit) != 0
+            && is_locked_by_other(fd, SHARED_BASE + bit as i64).map_err(io_err)?
+        {
+            return Err(locked(format!(
+                "cannot get \"{}\" lock",
+                PERM_NAMES[bit as usize]
+            )));
+        }
+        if shared & (1 << bit) == 0
+            && is_locked_by_other(fd, PERM_BASE + bit as i64).map_err(io_err)?
+        {
+            return Err(locked(format!(
+                "cannot get shared \"{}\" lock",
+                PERM_NAMES[bit as usize]
+            )));
+        }
+    }
+    for bit in 0..PERM_BITS {
+        if perms & (1 << bit) != 0 {
+            set_read_lock(fd, PERM_BASE + bit as i64).map_err(io_err)?;
+        }
+        if shared & (1 << bit) == 0 {
+            set_read_lock(fd, SHARED_BASE + bit as i64).map_err(io_err)?;
+        }
+    }
+    Ok(())
+}
+
+fn flock_at(start: i64, ty: i32) -> libc::flock {
+    // SAFETY: flock is a plain C struct for which all-zero bytes are a valid value.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = ty as i16;
+    fl.l_whence = libc::SEEK_SET as i16;
+    fl.l_start = start;
+    fl.l_len = 1;
+    fl
+}
+
+fn set_read_lock(fd: RawFd, byte: i64) -> io::Result<()> {
+    let fl = flock_at(byte, libc::F_RDLCK);
+    // SAFETY: fcntl with a valid descriptor and a pointer to a live flock struct.
+    let r = unsafe { libc::fcntl(fd, libc::F_OFD_SETLK, &fl) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES)) {
+            return Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                "lock held by another process",
+            ));
+        }
+        return Err(e);
+    }
+    Ok(())
+}
+
+fn is_locked_by_other(fd: RawFd, byte: i64) -> io::Result<bool> {
+    let mut fl = flock_at(byte, libc::F_WRLCK);
+    // SAFETY: fcntl with a valid descriptor and a pointer to a live flock struct it may fill.
+    let r = unsafe { libc::fcntl(fd, libc::F_OFD_GETLK, &mut fl) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fl.l_type != libc::F_UNLCK as i16)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn writer_excludes_writer_and_reader_but_readers_share() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("img");
+        std::fs::write(&p, vec![0u8; 4096]).unwrap();
+        let open = |w| HostFile::open(Path::new(&p), w).unwrap();
+        let r1 = open(false);
+        acquire(&r1, LockMode::Read).unwrap();
+        let r2 = open(false);
+        acquire(&r2, LockMode::Read).unwrap();
+        let w = open(true);
+        assert_eq!(
+            acquire(&w, LockMode::Write).unwrap_err().kind(),
+            ErrorKind::Locked
+        );
+        drop((r1, r2));
+        acquire(&w, LockMode::Write).unwrap();
+        let w2 = open(true);
+        let e = acquire(&w2, LockMode::Write).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Locked);
+        assert!(e.to_string().contains("another process"), "{e}");
+        let r3 = open(false);
+        assert_eq!(
+            acquire(&r3, LockMode::Read).unwrap_err().kind(),
+            ErrorKind::Locked
+        );
+    }
+}
