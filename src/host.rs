@@ -395,8 +395,11 @@ impl FaultFile {
     pub fn crash_image(&self, rng: &mut SplitMix64) -> Vec<u8> {
         let s = self.lock();
         let mut bytes = s.durable.clone();
-        let mut chosen: Vec<&PendingOp> =
-            s.pending.iter().filter(|_| rng.next_u64() & 1 == 1).collect();
+        let mut chosen: Vec<&PendingOp> = s
+            .pending
+            .iter()
+            .filter(|_| rng.next_u64() & 1 == 1)
+            .collect();
         rng.shuffle(&mut chosen);
         for op in chosen {
             op.apply(&mut bytes);

@@ -584,14 +584,12 @@ impl Image {
         let start = off as usize;
         let n = (512 - start).min(buf.len());
         sector[start..start + n].copy_from_slice(&buf[..n]);
-        let fmt = formats::probe(&sector);
-        if fmt.name() != "raw" {
+        if let Some(fmt) = formats::image_magic(&sector) {
             return Err(Error::new(
                 ErrorKind::Permission,
                 format!(
-                    "refusing to write a {} header into a raw image whose format was probed \
-                     (mount with --format raw to allow it)",
-                    fmt.name()
+                    "refusing to write a {fmt} header into a raw image whose format was probed \
+                     (mount with --format raw to allow it)"
                 ),
             )
             .in_file(&self.path));

@@ -10,3 +10,8 @@ pub mod lock;
 
 pub use error::{Error, ErrorKind, Result};
 pub use image::{Image, OpenOpts};
+pub mod cli;
+pub mod daemon;
+pub mod fuse;
+pub mod logging;
+pub mod stats;

@@ -35,6 +35,36 @@ pub fn by_name(name: &str) -> Result<&'static dyn Format> {
         })
 }
 
+/// Magics of image formats QEMU would probe, including ones imgfs does not read. A guest must
+/// not be able to plant any of them at the start of a probed raw image.
+const FOREIGN_MAGICS: &[(usize, &[u8], &str)] = &[
+    (0, b"QFI\xfb", "qcow/qcow2"),
+    (0, b"QED\0", "qed"),
+    (0, b"vhdxfile", "vhdx"),
+    (0, b"KDMV", "vmdk"),
+    (0, b"COWD", "vmdk"),
+    (0, b"# Disk DescriptorFile", "vmdk"),
+    (0, b"conectix", "vpc"),
+    (0x40, b"\x7f\x10\xda\xbe", "vdi"),
+    (0, b"LUKS\xba\xbe", "luks"),
+    (0, b"WithoutFreeSpace", "parallels"),
+    (0, b"WithouFreSpacExt", "parallels"),
+    (0, b"Bochs Virtual HD Image", "bochs"),
+    (0, b"#!/bin/sh\n#V2.0 Format", "cloop"),
+];
+
+/// The image format `head` would be taken for, by imgfs or by QEMU's probing; None for raw.
+pub fn image_magic(head: &[u8]) -> Option<&'static str> {
+    let ours = probe(head);
+    if ours.name() != "raw" {
+        return Some(ours.name());
+    }
+    FOREIGN_MAGICS
+        .iter()
+        .find(|(at, magic, _)| head.get(*at..*at + magic.len()) == Some(*magic))
+        .map(|(_, _, name)| *name)
+}
+
 /// Read a big-endian u64/u32/u16 from `b` at `at` (callers have checked the length).
 pub fn be64(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))

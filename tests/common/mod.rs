@@ -46,7 +46,13 @@ pub fn qemu_io(fmt: &str, img: &Path, cmds: &[&str]) {
 /// What QEMU says the guest sees: `qemu-img convert -O raw`.
 pub fn qemu_raw(img: &Path) -> Vec<u8> {
     let out = img.with_extension("expect-raw");
-    qemu_img(&["convert", "-O", "raw", img.to_str().unwrap(), out.to_str().unwrap()]);
+    qemu_img(&[
+        "convert",
+        "-O",
+        "raw",
+        img.to_str().unwrap(),
+        out.to_str().unwrap(),
+    ]);
     let bytes = std::fs::read(&out).unwrap();
     std::fs::remove_file(&out).unwrap();
     bytes
@@ -107,7 +113,10 @@ pub fn assert_same(got: &[u8], want: &[u8], what: &str) {
 
 /// A scratch directory under /tmp (removed on drop).
 pub fn tmpdir() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("imgfs-test-").tempdir().unwrap()
+    tempfile::Builder::new()
+        .prefix("imgfs-test-")
+        .tempdir()
+        .unwrap()
 }
 
 /// Deterministic pseudo-random bytes.
@@ -130,4 +139,174 @@ pub fn engine_read_all(img: &imgfs::Image) -> Vec<u8> {
     let mut v = vec![0u8; img.size() as usize];
     img.read_at(&mut v, 0).unwrap();
     v
+}
+
+pub const IMGFS: &str = env!("CARGO_BIN_EXE_imgfs");
+
+/// A real imgfs mount (daemonized `imgfs mount`), unmounted on drop even if the test failed.
+pub struct Mount {
+    pub dir: PathBuf,
+    pub stderr: String,
+}
+
+impl Mount {
+    /// `imgfs mount EXTRA... IMAGES... DIR`; panics if it fails.
+    pub fn new(images: &[&Path], dir: &Path, extra: &[&str]) -> Mount {
+        match Self::try_new(images, dir, extra) {
+            Ok(m) => m,
+            Err(e) => panic!("imgfs mount failed: {e}"),
+        }
+    }
+
+    pub fn try_new(images: &[&Path], dir: &Path, extra: &[&str]) -> Result<Mount, String> {
+        if !dir.exists() {
+            std::fs::create_dir_all(dir).unwrap();
+        }
+        let mut args: Vec<String> = vec!["mount".into()];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args.extend(images.iter().map(|p| p.display().to_string()));
+        args.push(dir.display().to_string());
+        let out = Command::new(IMGFS).args(&args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        if !out.status.success() {
+            return Err(stderr);
+        }
+        Ok(Mount {
+            dir: dir.to_path_buf(),
+            stderr,
+        })
+    }
+
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// The daemon's pid (from the root's xattr).
+    pub fn pid(&self) -> i32 {
+        let out = ok(
+            "getfattr",
+            &[
+                "--only-values",
+                "-n",
+                "user.imgfs.pid",
+                self.dir.to_str().unwrap(),
+            ],
+        );
+        out.trim().parse().unwrap()
+    }
+
+    /// `imgfs umount`; returns its exit status and stderr.
+    pub fn umount(mut self) -> (bool, String) {
+        let r = umount_dir(&self.dir);
+        self.dir = PathBuf::new();
+        r
+    }
+}
+
+pub fn umount_dir(dir: &Path) -> (bool, String) {
+    let out = run(IMGFS, &["umount", dir.to_str().unwrap()]);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+pub fn is_mounted(dir: &Path) -> bool {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+    let d = dir.display().to_string();
+    mounts
+        .lines()
+        .any(|l| l.split(' ').nth(1) == Some(d.as_str()))
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if self.dir.as_os_str().is_empty() {
+            return;
+        }
+        let (ok, _) = umount_dir(&self.dir);
+        if !ok || is_mounted(&self.dir) {
+            let _ = run("umount", &["-l", self.dir.to_str().unwrap()]);
+        }
+    }
+}
+
+/// A loop device over a file, detached on drop.
+pub struct Loop {
+    pub dev: String,
+}
+
+impl Loop {
+    pub fn new(file: &Path, extra: &[&str]) -> Loop {
+        let mut args = vec!["-f", "--show"];
+        args.extend_from_slice(extra);
+        args.push(file.to_str().unwrap());
+        let dev = ok("losetup", &args).trim().to_string();
+        Loop { dev }
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = run("losetup", &["-d", &self.dev]);
+    }
+}
+
+/// A kernel mount of a block device, unmounted on drop.
+pub struct KernelMount {
+    pub dir: PathBuf,
+}
+
+impl KernelMount {
+    pub fn new(dev: &str, dir: &Path) -> KernelMount {
+        std::fs::create_dir_all(dir).unwrap();
+        ok("mount", &[dev, dir.to_str().unwrap()]);
+        KernelMount {
+            dir: dir.to_path_buf(),
+        }
+    }
+}
+
+impl Drop for KernelMount {
+    fn drop(&mut self) {
+        let out = run("umount", &[self.dir.to_str().unwrap()]);
+        if !out.status.success() {
+            let _ = run("umount", &["-l", self.dir.to_str().unwrap()]);
+        }
+    }
+}
+
+/// pread/pwrite on a path.
+pub fn pread(path: &Path, off: u64, len: usize) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(path).unwrap();
+    let mut v = vec![0u8; len];
+    f.read_exact_at(&mut v, off).unwrap();
+    v
+}
+
+pub fn pwrite(path: &Path, off: u64, data: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(path)?;
+    f.write_all_at(data, off)?;
+    f.sync_all()
+}
+
+pub fn process_alive(pid: i32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
+/// Wait up to `secs` for `cond`.
+pub fn wait_until(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while std::time::Instant::now() < end {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    cond()
 }

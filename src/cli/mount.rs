@@ -1,0 +1,213 @@
+//! `imgfs mount [opts] IMAGE... MOUNTPOINT`
+
+use crate::daemon;
+use crate::error::{Error, ErrorKind, Result};
+use crate::fuse::ImgFs;
+use crate::image::{Image, OpenOpts, DEFAULT_CACHE_SIZE};
+use clap::Args;
+use fuser::{Config, MountOption, SessionACL};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+#[derive(Args, Debug, Clone)]
+pub struct MountArgs {
+    /// Expose the images read-only (the image files are never written).
+    #[arg(short = 'r', long)]
+    pub read_only: bool,
+    /// Image format (raw, qcow, qcow2, qed, vhdx); probed from the magic when omitted.
+    #[arg(long = "format", short = 'F')]
+    pub format: Option<String>,
+    /// Stay in the foreground, logging to stderr (level from RUST_LOG).
+    #[arg(short = 'f', long)]
+    pub foreground: bool,
+    /// FUSE worker threads.
+    #[arg(long, default_value_t = 4)]
+    pub threads: usize,
+    /// Metadata cache size per image (e.g. 4M, 64M).
+    #[arg(long, value_parser = super::parse_size)]
+    pub cache_size: Option<u64>,
+    /// Let users other than the mounting user access the files.
+    #[arg(long)]
+    pub allow_other: bool,
+    /// Allow backing / data files named by an image to lie outside the image's directory.
+    #[arg(long)]
+    pub allow_backing_outside: bool,
+    /// Image files, or directories whose image files are all exposed; then the mountpoint.
+    #[arg(required = true, num_args = 2..)]
+    pub paths: Vec<PathBuf>,
+}
+
+pub fn run(args: MountArgs, raw_args: &[std::ffi::OsString]) -> i32 {
+    if !args.foreground && !daemon::is_daemon_child() {
+        let mut child_args = raw_args.to_vec();
+        child_args.push("--foreground".into());
+        return daemon::spawn_and_wait(&child_args);
+    }
+    match mount(&args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("imgfs: {e}");
+            1
+        }
+    }
+}
+
+fn mount(args: &MountArgs) -> Result<i32> {
+    let (mountpoint, inputs) = args.paths.split_last().expect("clap requires 2 paths");
+    daemon::clear_stale_mount(mountpoint);
+    check_mountpoint(mountpoint)?;
+    if args.threads == 0 || args.threads > 64 {
+        return Err(Error::invalid("--threads must be between 1 and 64"));
+    }
+    let opts = OpenOpts {
+        read_only: args.read_only,
+        format: args.format.clone(),
+        cache_size: args.cache_size.unwrap_or(DEFAULT_CACHE_SIZE),
+        allow_backing_outside: args.allow_backing_outside,
+        ..OpenOpts::default()
+    };
+    let files = expand_inputs(inputs, &opts)?;
+    let mut images = Vec::with_capacity(files.len());
+    for f in &files {
+        let img = Image::open(f, &opts)?;
+        log::info!(
+            "{}: {} image, {} bytes{}",
+            f.display(),
+            img.format(),
+            img.size(),
+            if img.is_read_only() {
+                ", read-only"
+            } else {
+                ""
+            }
+        );
+        images.push(Arc::new(img));
+    }
+    let signals = daemon::block_signals();
+    let fs = ImgFs::new(images, args.read_only);
+    let mut mount_options = vec![
+        MountOption::FSName(fs_name(&files)),
+        MountOption::Subtype("imgfs".into()),
+        MountOption::DefaultPermissions,
+        MountOption::NoDev,
+        MountOption::NoSuid,
+    ];
+    if args.read_only {
+        mount_options.push(MountOption::RO);
+    }
+    let mut config = Config::default();
+    config.mount_options = mount_options;
+    config.acl = if args.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    config.n_threads = Some(args.threads);
+    config.clone_fd = true;
+    let session = fuser::Session::new(fs, mountpoint, &config)
+        .map_err(|e| Error::io(format!("cannot mount on {}", mountpoint.display()), e))?;
+    log::info!("mounted on {}", mountpoint.display());
+    daemon::watch_signals(signals, mountpoint.to_path_buf());
+    daemon::notify_ready();
+    // Runs until unmounted; fuser then calls ImgFs::destroy, which flushes and closes images.
+    let result = session.run();
+    daemon::sd_notify("STOPPING=1");
+    match result {
+        Ok(()) => {
+            log::info!("unmounted {}", mountpoint.display());
+            Ok(0)
+        }
+        Err(e) => {
+            log::error!("session ended with error: {e}");
+            Ok(1)
+        }
+    }
+}
+
+fn check_mountpoint(mp: &Path) -> Result<()> {
+    let meta = std::fs::metadata(mp).map_err(|e| Error::io("mountpoint", e).in_file(mp))?;
+    if !meta.is_dir() {
+        return Err(Error::invalid("mountpoint is not a directory").in_file(mp));
+    }
+    Ok(())
+}
+
+fn fs_name(files: &[PathBuf]) -> String {
+    let first = files
+        .first()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    // The kernel splits mount options on commas.
+    first.replace(',', "_")
+}
+
+/// Files named directly, plus the image files directly inside named directories. Inside a
+/// directory, files that are the backing file of another image there are not exposed, and raw
+/// files count only with an image-like extension.
+pub fn expand_inputs(inputs: &[PathBuf], opts: &OpenOpts) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for input in inputs {
+        let meta =
+            std::fs::metadata(input).map_err(|e| Error::io("cannot open", e).in_file(input))?;
+        if !meta.is_dir() {
+            files.push(canonical(input)?);
+            continue;
+        }
+        files.extend(images_in_dir(input, opts)?);
+    }
+    if files.is_empty() {
+        return Err(Error::new(ErrorKind::NotFound, "no image files to mount"));
+    }
+    let mut seen = std::collections::HashSet::new();
+    files.retain(|f| seen.insert(f.clone()));
+    Ok(files)
+}
+
+fn canonical(p: &Path) -> Result<PathBuf> {
+    p.canonicalize()
+        .map_err(|e| Error::io("cannot open", e).in_file(p))
+}
+
+const RAW_EXTENSIONS: &[&str] = &["img", "raw", "iso", "bin"];
+
+fn images_in_dir(dir: &Path, opts: &OpenOpts) -> Result<Vec<PathBuf>> {
+    let rd = std::fs::read_dir(dir).map_err(|e| Error::io("cannot list", e).in_file(dir))?;
+    let mut candidates = Vec::new();
+    for entry in rd.flatten() {
+        let p = entry.path();
+        let hidden = p
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with('.'));
+        if hidden || !entry.file_type().is_ok_and(|t| t.is_file()) {
+            continue;
+        }
+        candidates.push(canonical(&p)?);
+    }
+    candidates.sort();
+    // Look at each without locking to learn formats and backing chains.
+    let peek = OpenOpts {
+        read_only: true,
+        lock: false,
+        ..opts.clone()
+    };
+    let mut images = Vec::new();
+    let mut backing_files = std::collections::HashSet::new();
+    for c in candidates {
+        let Ok(img) = Image::open(&c, &peek) else {
+            log::warn!("{}: not exposed (cannot open as an image)", c.display());
+            continue;
+        };
+        let ext = c.extension().map(|e| e.to_string_lossy().to_lowercase());
+        if img.format() == "raw" && !ext.is_some_and(|e| RAW_EXTENSIONS.contains(&e.as_str())) {
+            continue;
+        }
+        let mut b = img.backing().cloned();
+        while let Some(bi) = b {
+            backing_files.insert(bi.path().to_path_buf());
+            b = bi.backing().cloned();
+        }
+        images.push(c);
+    }
+    images.retain(|p| !backing_files.contains(p));
+    Ok(images)
+}

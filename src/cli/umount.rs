@@ -1,0 +1,87 @@
+//! `imgfs umount MOUNTPOINT`: unmount and wait until the daemon has flushed and closed every image.
+
+use crate::daemon;
+use clap::Args;
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+
+#[derive(Args, Debug)]
+pub struct UmountArgs {
+    /// Detach even when busy (open files, loop devices); the daemon exits after the last close.
+    #[arg(short, long)]
+    pub lazy: bool,
+    pub mountpoint: PathBuf,
+}
+
+pub fn run(args: UmountArgs) -> i32 {
+    let mp = &args.mountpoint;
+    let pid = match daemon_pid(mp) {
+        Ok(pid) => pid,
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            // The daemon is gone (killed): just remove the dead mount.
+            return match daemon::unmount(mp, true) {
+                Ok(()) => {
+                    eprintln!(
+                        "imgfs: {}: removed a stale mount (daemon was gone)",
+                        mp.display()
+                    );
+                    0
+                }
+                Err(e) => {
+                    eprintln!("imgfs: {}: {e}", mp.display());
+                    1
+                }
+            };
+        }
+        Err(e) => {
+            eprintln!("imgfs: {}: not an imgfs mount ({e})", mp.display());
+            return 1;
+        }
+    };
+    if let Err(e) = daemon::unmount(mp, args.lazy) {
+        if e.raw_os_error() == Some(libc::EBUSY) {
+            eprintln!(
+                "imgfs: {}: busy (open files or loop devices); close them or use --lazy",
+                mp.display()
+            );
+        } else {
+            eprintln!("imgfs: {}: cannot unmount: {e}", mp.display());
+        }
+        return 1;
+    }
+    if args.lazy {
+        return 0;
+    }
+    match daemon::wait_for_exit(pid) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("imgfs: waiting for daemon {pid}: {e}");
+            1
+        }
+    }
+}
+
+/// The daemon publishes its pid as the `user.imgfs.pid` xattr of the mount's root.
+fn daemon_pid(mp: &std::path::Path) -> std::io::Result<i32> {
+    let path = CString::new(mp.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    let name = c"user.imgfs.pid";
+    let mut buf = [0u8; 32];
+    // SAFETY: getxattr with NUL-terminated strings and a buffer of the length we pass.
+    let n = unsafe {
+        libc::getxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    std::str::from_utf8(&buf[..n as usize])
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .ok_or_else(|| std::io::Error::from_raw_os_error(libc::EINVAL))
+}
