@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
 [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
 cargo build --release
-install -m 0755 target/release/imgfs /usr/local/bin/imgfs
+bash scripts/install.sh
 
 demo=${IMGFS_DEMO_DIR:-/tmp/imgfs-demo}
 mkdir -p "$demo/mnt"

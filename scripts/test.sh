@@ -9,4 +9,4 @@ if [ "$(id -u)" != 0 ]; then
   exit 1
 fi
 # Release mode: the crash simulations and image comparisons run ~10x faster than in debug.
-cargo test --release --all-targets -- --test-threads="${IMGFS_TEST_THREADS:-4}" 2>&1
+cargo test --release --all-targets --no-fail-fast -- --test-threads="${IMGFS_TEST_THREADS:-4}" 2>&1

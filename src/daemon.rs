@@ -216,3 +216,58 @@ pub fn wait_for_exit(pid: i32) -> std::io::Result<()> {
     unsafe { libc::close(fd) };
     Ok(())
 }
+
+/// How the FUSE file system is mounted.
+pub struct FuseMount<'a> {
+    pub mountpoint: &'a Path,
+    /// Shown as the mount's source (the image path).
+    pub source: &'a str,
+    pub read_only: bool,
+    pub allow_other: bool,
+}
+
+/// Open /dev/fuse and mount it with type `fuse.imgfs` (so `findmnt` shows what it is and the
+/// image it serves). Returns the connection fd for `fuser::Session::from_fd`.
+pub fn mount_fuse(m: &FuseMount) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, OwnedFd};
+    let dev: OwnedFd = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")?
+        .into();
+    let meta = std::fs::metadata(m.mountpoint)?;
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: getuid/getgid cannot fail and touch no memory.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let mut data = format!(
+        "fd={},rootmode={:o},user_id={uid},group_id={gid},default_permissions",
+        dev.as_raw_fd(),
+        meta.mode() & libc::S_IFMT
+    );
+    if m.allow_other {
+        data.push_str(",allow_other");
+    }
+    let mut flags = libc::MS_NOSUID | libc::MS_NODEV;
+    if m.read_only {
+        flags |= libc::MS_RDONLY;
+    }
+    let inval = || std::io::Error::from_raw_os_error(libc::EINVAL);
+    let source = CString::new(m.source.replace(',', "_")).map_err(|_| inval())?;
+    let target = CString::new(m.mountpoint.as_os_str().as_bytes()).map_err(|_| inval())?;
+    let fstype = c"fuse.imgfs";
+    let data = CString::new(data).map_err(|_| inval())?;
+    // SAFETY: mount(2) with NUL-terminated strings that outlive the call.
+    let r = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            flags,
+            data.as_ptr().cast(),
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(dev)
+}

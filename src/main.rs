@@ -17,16 +17,39 @@ enum Cmd {
     Umount(cli::umount::UmountArgs),
     /// Show an image's format, sizes, backing chain and state.
     Info(cli::info::InfoArgs),
+    /// Create an image (qemu-img create conventions).
+    Create(cli::create::CreateArgs),
+    /// Check (and repair) an image's metadata; exit codes as qemu-img check.
+    Check(cli::check::CheckArgs),
+    /// List internal snapshots.
+    Snapshot(cli::snapshot::SnapshotArgs),
+    /// Show per-image statistics of a mount.
+    Stats(cli::stats::StatsArgs),
 }
 
 fn main() {
     imgfs::logging::init();
-    let raw_args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
-    let cli = Cli::parse();
+    let mut raw_args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    if cli::helper::is_helper_name(&argv0) {
+        match cli::helper::translate(&raw_args) {
+            Ok(cli::helper::HelperCall::Mount(args)) => raw_args = args,
+            Ok(cli::helper::HelperCall::Fake) => std::process::exit(0),
+            Err(e) => {
+                eprintln!("mount.fuse.imgfs: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
+    let cli = Cli::parse_from(std::iter::once("imgfs".into()).chain(raw_args.iter().cloned()));
     let code = match cli.cmd {
         Cmd::Mount(a) => cli::mount::run(a, &raw_args),
         Cmd::Umount(a) => cli::umount::run(a),
         Cmd::Info(a) => cli::info::run(a),
+        Cmd::Create(a) => cli::create::run(a),
+        Cmd::Check(a) => cli::check::run(a),
+        Cmd::Snapshot(a) => cli::snapshot::run(a),
+        Cmd::Stats(a) => cli::stats::run(a),
     };
     std::process::exit(code);
 }

@@ -1,8 +1,39 @@
 //! One module per subcommand. Each returns the process exit code.
 
+pub mod check;
+pub mod create;
+pub mod helper;
 pub mod info;
 pub mod mount;
+pub mod snapshot;
+pub mod stats;
 pub mod umount;
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+/// getxattr(2) of a path, growing the buffer as needed.
+pub fn read_xattr(path: &Path, name: &str) -> std::io::Result<Vec<u8>> {
+    let inval = || std::io::Error::from_raw_os_error(libc::EINVAL);
+    let p = CString::new(path.as_os_str().as_bytes()).map_err(|_| inval())?;
+    let n = CString::new(name).map_err(|_| inval())?;
+    let mut buf = vec![0u8; 4096];
+    loop {
+        // SAFETY: getxattr with NUL-terminated strings and a buffer of the length we pass.
+        let r =
+            unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        if r >= 0 {
+            buf.truncate(r as usize);
+            return Ok(buf);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ERANGE) || buf.len() > (64 << 20) {
+            return Err(e);
+        }
+        buf.resize(buf.len() * 4, 0);
+    }
+}
 
 /// Parse sizes like 4096, 64K, 16M, 2G, 1T (powers of 1024; optional trailing B/iB).
 pub fn parse_size(s: &str) -> Result<u64, String> {

@@ -5,7 +5,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::fuse::ImgFs;
 use crate::image::{Image, OpenOpts, DEFAULT_CACHE_SIZE};
 use clap::Args;
-use fuser::{Config, MountOption, SessionACL};
+use fuser::{Config, SessionACL};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -85,27 +85,32 @@ fn mount(args: &MountArgs) -> Result<i32> {
     }
     let signals = daemon::block_signals();
     let fs = ImgFs::new(images, args.read_only);
-    let mut mount_options = vec![
-        MountOption::FSName(fs_name(&files)),
-        MountOption::Subtype("imgfs".into()),
-        MountOption::DefaultPermissions,
-        MountOption::NoDev,
-        MountOption::NoSuid,
-    ];
-    if args.read_only {
-        mount_options.push(MountOption::RO);
-    }
-    let mut config = Config::default();
-    config.mount_options = mount_options;
-    config.acl = if args.allow_other {
+    let dev = daemon::mount_fuse(&daemon::FuseMount {
+        mountpoint,
+        source: &fs_name(&files),
+        read_only: args.read_only,
+        allow_other: args.allow_other,
+    })
+    .map_err(|e| Error::io(format!("cannot mount on {}", mountpoint.display()), e))?;
+    let acl = if args.allow_other {
         SessionACL::All
     } else {
         SessionACL::Owner
     };
+    let mut config = Config::default();
+    config.acl = acl;
     config.n_threads = Some(args.threads);
     config.clone_fd = true;
-    let session = fuser::Session::new(fs, mountpoint, &config)
-        .map_err(|e| Error::io(format!("cannot mount on {}", mountpoint.display()), e))?;
+    let session = match fuser::Session::from_fd(fs, dev, acl, config) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = daemon::unmount(mountpoint, true);
+            return Err(Error::io(
+                format!("FUSE handshake on {} failed", mountpoint.display()),
+                e,
+            ));
+        }
+    };
     log::info!("mounted on {}", mountpoint.display());
     daemon::watch_signals(signals, mountpoint.to_path_buf());
     daemon::notify_ready();

@@ -2,8 +2,6 @@
 
 use crate::daemon;
 use clap::Args;
-use std::ffi::CString;
-use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 
 #[derive(Args, Debug)]
@@ -64,23 +62,8 @@ pub fn run(args: UmountArgs) -> i32 {
 
 /// The daemon publishes its pid as the `user.imgfs.pid` xattr of the mount's root.
 fn daemon_pid(mp: &std::path::Path) -> std::io::Result<i32> {
-    let path = CString::new(mp.as_os_str().as_bytes())
-        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
-    let name = c"user.imgfs.pid";
-    let mut buf = [0u8; 32];
-    // SAFETY: getxattr with NUL-terminated strings and a buffer of the length we pass.
-    let n = unsafe {
-        libc::getxattr(
-            path.as_ptr(),
-            name.as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
-    };
-    if n < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    std::str::from_utf8(&buf[..n as usize])
+    let raw = super::read_xattr(mp, "user.imgfs.pid")?;
+    std::str::from_utf8(&raw)
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .ok_or_else(|| std::io::Error::from_raw_os_error(libc::EINVAL))

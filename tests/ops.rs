@@ -1,0 +1,177 @@
+//! Operations: mount(8) helper and fstab, plain umount, the stats command, the systemd unit.
+
+mod common;
+use common::*;
+use std::path::Path;
+
+/// Make /sbin/mount.fuse.imgfs point at the binary under test for the duration of a test.
+struct Helper {
+    created: bool,
+}
+
+impl Helper {
+    fn install() -> Helper {
+        let link = Path::new("/sbin/mount.fuse.imgfs");
+        let created = match std::fs::read_link(link) {
+            Ok(target) if target == Path::new(IMGFS) => false,
+            Ok(_) | Err(_) if link.exists() && std::fs::read_link(link).is_err() => false,
+            _ => {
+                let _ = std::fs::remove_file(link);
+                std::os::unix::fs::symlink(IMGFS, link).unwrap();
+                true
+            }
+        };
+        Helper { created }
+    }
+}
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        if self.created {
+            let _ = std::fs::remove_file("/sbin/mount.fuse.imgfs");
+        }
+    }
+}
+
+fn mount_type(dir: &Path) -> Option<(String, String, String)> {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+    let d = dir.display().to_string();
+    mounts.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        (f.get(1) == Some(&d.as_str()))
+            .then(|| (f[0].to_string(), f[2].to_string(), f[3].to_string()))
+    })
+}
+
+#[test]
+fn mount_t_fuse_imgfs_and_fstab_then_plain_umount() {
+    let _h = Helper::install();
+    let t = tmpdir();
+    let data = random_bytes(1, 1 << 20);
+    let img = write_file(t.path(), "disk.img", &data);
+    let mnt = t.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    ok(
+        "mount",
+        &[
+            "-t",
+            "fuse.imgfs",
+            img.to_str().unwrap(),
+            mnt.to_str().unwrap(),
+            "-o",
+            "ro,allow_other,noauto",
+        ],
+    );
+    let (source, fstype, opts) = mount_type(&mnt).expect("mounted");
+    assert_eq!(fstype, "fuse.imgfs");
+    assert_eq!(source, img.to_str().unwrap());
+    assert!(opts.split(',').any(|o| o == "ro"), "{opts}");
+    assert!(opts.contains("allow_other"), "{opts}");
+    assert_eq!(std::fs::read(mnt.join("disk.raw")).unwrap(), data);
+    let pid: i32 = ok(
+        "getfattr",
+        &[
+            "--only-values",
+            "-n",
+            "user.imgfs.pid",
+            mnt.to_str().unwrap(),
+        ],
+    )
+    .trim()
+    .parse()
+    .unwrap();
+    ok("umount", &[mnt.to_str().unwrap()]);
+    assert!(
+        wait_until(10, || !process_alive(pid)),
+        "daemon exits after umount"
+    );
+
+    // The same through an fstab line.
+    let fstab = t.path().join("fstab");
+    std::fs::write(
+        &fstab,
+        format!(
+            "{} {} fuse.imgfs rw,noauto,x-systemd.automount 0 0\n",
+            img.display(),
+            mnt.display()
+        ),
+    )
+    .unwrap();
+    ok(
+        "mount",
+        &["--fstab", fstab.to_str().unwrap(), mnt.to_str().unwrap()],
+    );
+    assert_eq!(mount_type(&mnt).unwrap().1, "fuse.imgfs");
+    pwrite(&mnt.join("disk.raw"), 10, b"fstab").unwrap();
+    ok("umount", &[mnt.to_str().unwrap()]);
+    assert!(wait_until(10, || !is_mounted(&mnt)));
+    // umount(8) returns before the daemon finished; imgfs umount is the waiting variant.
+    assert!(wait_until(10, || std::fs::read(&img).unwrap()[10..15] == *b"fstab"));
+}
+
+#[test]
+fn stats_command_counts_a_known_workload() {
+    let t = tmpdir();
+    let img = write_file(t.path(), "s.img", &vec![0u8; 4 << 20]);
+    let m = Mount::new(&[&img], &t.path().join("mnt"), &[]);
+    let f = m.file("s.raw");
+    {
+        use std::os::unix::fs::{FileExt, OpenOptionsExt};
+        let fh = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&f)
+            .unwrap();
+        let mut buf = vec![0u8; 65536];
+        // O_DIRECT needs an aligned buffer: take an aligned window of a larger one.
+        let mut big = vec![7u8; 65536 + 4096];
+        let a = big.as_ptr().align_offset(4096);
+        for i in 0..10u64 {
+            fh.write_all_at(&big[a..a + 65536], i * 65536).unwrap();
+        }
+        for i in 0..4u64 {
+            fh.read_exact_at(&mut big[a..a + 65536], i * 65536).unwrap();
+        }
+        fh.sync_all().unwrap();
+        buf.clear();
+    }
+    let out = ok(IMGFS, &["stats", "--json", m.dir.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let s = &v[0];
+    assert_eq!(s["name"], "s.raw");
+    assert_eq!(s["writes"], 10, "{s}");
+    assert_eq!(s["bytes_written"], 10 * 65536);
+    assert_eq!(s["bytes_read"], 4 * 65536);
+    assert!(s["flushes"].as_u64().unwrap() >= 1);
+    let text = ok(IMGFS, &["stats", m.dir.to_str().unwrap()]);
+    assert!(
+        text.contains("s.raw (raw, read-write)") && text.contains("bytes_written"),
+        "{text}"
+    );
+}
+
+#[test]
+fn systemd_unit_verifies() {
+    if run("which", &["systemd-analyze"]).status.code() != Some(0) {
+        eprintln!("systemd-analyze not installed; skipped");
+        return;
+    }
+    let t = tmpdir();
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/systemd/imgfs@.service"
+    ))
+    .unwrap();
+    // Point ExecStart at the binary under test (the unit names the installed path).
+    let unit = unit.replace("/usr/local/bin/imgfs", IMGFS);
+    let p = t.path().join("imgfs@test.service");
+    std::fs::write(&p, unit).unwrap();
+    let out = run("systemd-analyze", &["verify", p.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    let relevant: Vec<&str> = err.lines().filter(|l| l.contains("imgfs@")).collect();
+    assert!(
+        out.status.success() && relevant.is_empty(),
+        "systemd-analyze verify: {err}"
+    );
+}
