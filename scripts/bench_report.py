@@ -1,0 +1,39 @@
+#!/usr/bin/env python3
+"""Turn bench.sh's raw rows into the table printed and recorded in the README."""
+import statistics
+import sys
+from collections import defaultdict
+
+rows = defaultdict(list)  # (fmt, case, kind) -> [(mbs, iops, rss)]
+for line in open(sys.argv[1]):
+    fmt, case, kind, _rep, mbs, iops, rss = line.rstrip("\n").split("\t")
+    rows[(fmt, case, kind)].append((float(mbs), float(iops), int(rss or 0)))
+
+def med(vals):
+    return statistics.median(vals) if vals else 0.0
+
+def spread(vals):
+    return (max(vals) - min(vals)) / med(vals) * 100 if vals and med(vals) else 0.0
+
+host = {case: med([r[0] for r in v]) for (f, case, k), v in rows.items() if k == "host"}
+print(f"{'format':<7}{'case':<17}{'imgfs MB/s':>11}{'IOPS':>8}{'±%':>5}{'qsd MB/s':>10}{'IOPS':>8}{'±%':>5}{'ratio':>7}{'host MB/s':>10}{'RSS KiB':>9}")
+for fmt in sorted({f for f, _, k in rows if k != "host"}):
+    for case in ["seqread", "seqwrite-alloc", "seqwrite-over", "randread", "randwrite-alloc", "randwrite-over"]:
+        a = rows.get((fmt, case, "imgfs"), [])
+        b = rows.get((fmt, case, "qsd"), [])
+        if not a:
+            continue
+        am, bm = med([r[0] for r in a]), med([r[0] for r in b])
+        ratio = am / bm if bm else float("nan")
+        print(f"{fmt:<7}{case:<17}{am:>11.1f}{med([r[1] for r in a]):>8.0f}{spread([r[0] for r in a]):>5.0f}"
+              f"{bm:>10.1f}{med([r[1] for r in b]):>8.0f}{spread([r[0] for r in b]):>5.0f}{ratio:>7.2f}"
+              f"{host.get(case, 0):>10.1f}{max(r[2] for r in a):>9}")
+if len(sys.argv) > 2:
+    st = defaultdict(list)
+    for line in open(sys.argv[2]):
+        fmt, first, exit_ms, rss = line.split()
+        st[fmt].append((int(first), int(exit_ms), int(rss)))
+    print()
+    print(f"{'16 TiB':<8}{'mount->first 1MiB read ms':>27}{'umount->exit ms':>17}{'RSS KiB':>9}")
+    for fmt, v in st.items():
+        print(f"{fmt:<8}{med([x[0] for x in v]):>27.0f}{med([x[1] for x in v]):>17.0f}{max(x[2] for x in v):>9}")
