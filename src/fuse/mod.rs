@@ -8,7 +8,7 @@ use crate::error::Error;
 use crate::image::Image;
 use dir::{Node, NodeKind, Tree, ROOT};
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
     KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
     ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
     TimeOrNow, WriteFlags,
@@ -193,6 +193,9 @@ impl Filesystem for ImgFs {
         let _ = config.set_max_write(MAX_WRITE);
         let _ = config.set_max_readahead(MAX_WRITE);
         let _ = config.set_max_background(64);
+        // Split large direct I/O into parallel requests (parallel direct writes are asked for
+        // per open file with FOPEN_PARALLEL_DIRECT_WRITES).
+        let _ = config.add_capabilities(InitFlags::FUSE_ASYNC_DIO);
         Ok(())
     }
 
@@ -259,8 +262,14 @@ impl Filesystem for ImgFs {
         if wants_write && (image.is_read_only() || image.is_degraded()) {
             return reply.error(Errno::EROFS);
         }
-        // We are the only writer of the image, so cached pages stay valid across opens.
-        reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
+        // We are the only writer of the image, so cached pages stay valid across opens; close()
+        // needs no FLUSH round trip (durability comes from fsync).
+        reply.opened(
+            FileHandle(0),
+            FopenFlags::FOPEN_KEEP_CACHE
+                | FopenFlags::FOPEN_NOFLUSH
+                | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES,
+        );
     }
 
     fn read(
