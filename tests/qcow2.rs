@@ -528,3 +528,37 @@ fn bitmaps_autoclear_is_cleared_on_write() {
     let b = std::fs::read(&p).unwrap();
     assert_eq!(&b[88..96], &[0u8; 8], "autoclear bits must be cleared");
 }
+
+#[test]
+fn refcount_table_grows() {
+    // 512-byte clusters with 64-bit refcounts: one refcount block covers 32 KiB and the
+    // initial one-cluster table 2 MiB, so writing 6 MiB must add blocks and move the table.
+    let d = tmpdir();
+    let p = create(
+        d.path(),
+        "grow.qcow2",
+        "cluster_size=512,refcount_bits=64",
+        "8M",
+    );
+    let mut want = vec![0u8; 8 << 20];
+    let img = open(&p, false);
+    for k in 0..12u64 {
+        let off = k * 500_000 + 77;
+        let buf = random_bytes(k, 400_000);
+        img.write_at(&buf, off).unwrap();
+        want[off as usize..off as usize + buf.len()].copy_from_slice(&buf);
+        if k % 4 == 3 {
+            img.flush().unwrap();
+        }
+    }
+    img.write_zeroes(1 << 20, 1 << 20, true).unwrap();
+    want[1 << 20..2 << 20].fill(0);
+    finish(img, &p, &want, d.path());
+    let b = std::fs::read(&p).unwrap();
+    let rt = u64::from_be_bytes(b[48..56].try_into().unwrap());
+    let rt_clusters = u32::from_be_bytes(b[56..60].try_into().unwrap());
+    assert!(
+        rt != 512 && rt_clusters > 1,
+        "table did not move: {rt:#x} {rt_clusters}"
+    );
+}
