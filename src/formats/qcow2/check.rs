@@ -34,12 +34,26 @@ impl Walker<'_> {
     fn cs(&self) -> u64 {
         self.h.cluster_size()
     }
+    /// Count one reference to every cluster touching `[off, off+len)`. Clusters that start past
+    /// the end of the file are errors (imgfs extends the file before any table may point
+    /// there) and are not counted, so a repair never allocates at absurd offsets.
     fn inc(&mut self, off: u64, len: u64) {
         if len == 0 {
             return;
         }
         let cb = self.h.cluster_bits;
-        for c in off >> cb..=(off + len - 1) >> cb {
+        let Some(last) = off.checked_add(len - 1) else {
+            self.error(format!("reference to {off:#x}+{len:#x} overflows"));
+            return;
+        };
+        for c in off >> cb..=last >> cb {
+            if c << cb >= self.file_len {
+                self.error(format!(
+                    "cluster {:#x} is referenced but lies past the end of the file",
+                    c << cb
+                ));
+                return;
+            }
             *self.w.counts.entry(c).or_insert(0) += 1;
         }
     }

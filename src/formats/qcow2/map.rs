@@ -108,6 +108,13 @@ impl TableIo for L2Io<'_> {
     }
     fn store(&self, off: u64, buf: &[u8]) -> Result<()> {
         if !self.deps_done.get() {
+            if let Some(rc) = &self.rc {
+                // Every cluster this table may point at lies inside the file before it is written.
+                let end = rc.borrow().next_free << rc.borrow().cluster_bits();
+                if self.file.len()? < end {
+                    self.file.set_len(end)?;
+                }
+            }
             if self.external {
                 self.data.sync()?;
             }

@@ -132,6 +132,9 @@ impl Refcounts {
     fn cs(&self) -> u64 {
         1 << self.cluster_bits
     }
+    pub fn cluster_bits(&self) -> u32 {
+        self.cluster_bits
+    }
     pub fn entries_per_block(&self) -> u64 {
         (self.cs() * 8) >> self.order
     }
