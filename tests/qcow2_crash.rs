@@ -120,3 +120,84 @@ fn crash_refcount_table_growth() {
     };
     crash_series("cluster_size=512,refcount_bits=64", "2M", false, 0..25, &w);
 }
+
+/// crashsim's check with a metadata cache of a few tables, so that L2 tables and refcount
+/// blocks reach the disk through eviction (TableIo::store and its dependencies) rather than
+/// through flush.
+#[test]
+fn crash_with_tiny_cache_evictions() {
+    use imgfs::host::{FaultFile, SplitMix64};
+    use imgfs::{Image, OpenOpts};
+    let d = tmpdir();
+    let p = d.path().join("tiny.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=512",
+        p.to_str().unwrap(),
+        "2M",
+    ]);
+    let initial = std::fs::read(&p).unwrap();
+    let crashed = d.path().join("crashed.qcow2");
+    let opts = |read_only| OpenOpts {
+        format: Some("qcow2".into()),
+        lock: false,
+        read_only,
+        cache_size: 2048,
+        ..OpenOpts::default()
+    };
+    let mut writebacks = 0;
+    for seed in 0..40u64 {
+        let mut rng = SplitMix64::new(seed);
+        let fault = FaultFile::new(initial.clone());
+        let img = Image::open_host(fault.host_file(&p, true), &opts(false)).unwrap();
+        let size = img.size();
+        let mut model = vec![0u8; size as usize];
+        let mut durable = model.clone();
+        let mut unsure = vec![false; size as usize];
+        let mut buf = vec![0u8; 64 << 10];
+        for _ in 0..rng.below(50) {
+            let roll = rng.below(100);
+            if roll < 12 {
+                img.flush().unwrap();
+                durable.copy_from_slice(&model);
+                unsure.fill(false);
+                continue;
+            }
+            let off = rng.below(size);
+            let len = (1 + rng.below(64 << 10)).min(size - off);
+            let r = off as usize..(off + len) as usize;
+            if roll < 22 {
+                img.write_zeroes(off, len, rng.below(2) == 0).unwrap();
+                model[r.clone()].fill(0);
+            } else {
+                rng.fill(&mut buf[..len as usize]);
+                img.write_at(&buf[..len as usize], off).unwrap();
+                model[r.clone()].copy_from_slice(&buf[..len as usize]);
+            }
+            unsure[r].fill(true);
+        }
+        writebacks += img.format_stats().cache.evictions;
+        let image = fault.crash_image(&mut rng);
+        std::mem::forget(img);
+        std::fs::write(&crashed, &image).unwrap();
+        let (code, out) = qemu_check("qcow2", &crashed);
+        assert!(
+            code == 0 || code == 3,
+            "seed {seed}: qemu-img check {code}: {out}"
+        );
+        let f2 = FaultFile::new(image);
+        let img = Image::open_host(f2.host_file(&p, false), &opts(true)).unwrap();
+        let got = engine_read_all(&img);
+        if let Some(i) = (0..got.len()).find(|&i| !unsure[i] && got[i] != durable[i]) {
+            panic!("seed {seed}: fsync'd byte {i:#x} lost");
+        }
+    }
+    assert!(
+        writebacks > 100,
+        "the cache should have evicted tables ({writebacks})"
+    );
+}

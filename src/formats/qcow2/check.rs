@@ -11,16 +11,22 @@ use crate::error::{Error, Result};
 use crate::formats::{be32, be64};
 use crate::host::HostFile;
 use crate::image::{CheckReport, Repair};
-use std::collections::HashMap;
 
 #[derive(Default)]
 pub struct Walk {
-    pub counts: HashMap<u64, u64>,
+    /// References per cluster, indexed by cluster number (only clusters inside the file).
+    pub counts: Vec<u32>,
     pub corruptions: u64,
     pub messages: Vec<String>,
     /// (cluster, COPIED flag set, what) for entries reachable from the active L1.
     copied: Vec<(u64, bool, String)>,
     pub guest_allocated: u64,
+}
+
+impl Walk {
+    pub fn count(&self, c: u64) -> u64 {
+        self.counts.get(c as usize).map_or(0, |&n| u64::from(n))
+    }
 }
 
 struct Walker<'a> {
@@ -54,7 +60,8 @@ impl Walker<'_> {
                 ));
                 return;
             }
-            *self.w.counts.entry(c).or_insert(0) += 1;
+            let n = &mut self.w.counts[c as usize];
+            *n = n.saturating_add(1);
         }
     }
     fn error(&mut self, msg: String) {
@@ -179,11 +186,15 @@ impl Walker<'_> {
 
 /// Count every reference in the image as stored on disk.
 pub fn walk(file: &HostFile, h: &Header, l1: &[u64], rc: &Refcounts) -> Result<Walk> {
+    let file_len = file.len()?;
     let mut wk = Walker {
         file,
         h,
-        file_len: file.len()?,
-        w: Walk::default(),
+        file_len,
+        w: Walk {
+            counts: vec![0; file_len.div_ceil(h.cluster_size()) as usize],
+            ..Walk::default()
+        },
     };
     let cs = h.cluster_size();
     wk.inc(0, cs);
@@ -223,13 +234,17 @@ fn mismatches(w: &Walk, rc: &Refcounts) -> Result<Vec<(u64, u64, u64)>> {
         for i in 0..epb {
             let c = idx as u64 * epb + i;
             let stored = rc.get(c)?;
-            let want = w.counts.get(&c).copied().unwrap_or(0);
+            let want = w.count(c);
             if stored != want {
                 out.push((c, stored, want));
             }
         }
     }
-    for (&c, &want) in &w.counts {
+    for (c, &want) in w.counts.iter().enumerate() {
+        let (c, want) = (c as u64, u64::from(want));
+        if want == 0 {
+            continue;
+        }
         let idx = (c / epb) as usize;
         if rc.table.get(idx).is_none_or(|&b| b == 0) {
             out.push((c, 0, want));
@@ -242,7 +257,7 @@ fn mismatches(w: &Walk, rc: &Refcounts) -> Result<Vec<(u64, u64, u64)>> {
 /// Set refcounts to the referenced counts (`leaks_only`: only lower them).
 fn fix(rc: &mut Refcounts, w: &Walk, mism: &[(u64, u64, u64)], leaks_only: bool) -> Result<u64> {
     // New refcount blocks must land past everything that is referenced.
-    let top = w.counts.keys().max().map_or(0, |c| c + 1);
+    let top = w.counts.len() as u64;
     rc.next_free = rc.next_free.max(top);
     let mut fixed = 0;
     for &(c, stored, want) in mism {
@@ -311,9 +326,9 @@ pub fn check_file(file: HostFile, repair: Repair) -> Result<CheckReport> {
             r.corruptions += 1;
         }
     }
-    let counts = &w.counts;
+    let counts = &w;
     for (c, copied, what) in &w.copied {
-        let n = counts.get(c).copied().unwrap_or(0);
+        let n = counts.count(*c);
         if *copied != (n == 1) {
             r.corruptions += 1;
             r.messages.push(format!(

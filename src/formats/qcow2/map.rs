@@ -85,7 +85,8 @@ pub enum Piece {
 pub struct Meta {
     pub l1: Vec<u64>,
     pub l1_offset: u64,
-    pub l1_dirty: bool,
+    /// Range of L1 entries changed since the last write-back.
+    pub l1_dirty: Option<(usize, usize)>,
     pub l2: TableCache,
     pub rc: Option<Refcounts>,
     pub incompat: u64,
@@ -129,6 +130,14 @@ impl TableIo for L2Io<'_> {
 }
 
 impl Meta {
+    pub fn set_l1(&mut self, idx: usize, v: u64) {
+        self.l1[idx] = v;
+        self.l1_dirty = Some(match self.l1_dirty {
+            None => (idx, idx + 1),
+            Some((a, b)) => (a.min(idx), b.max(idx + 1)),
+        });
+    }
+
     /// The L2 cache and an io object borrowing the refcounts (disjoint borrows of `self`).
     pub fn split<'a>(
         &'a mut self,

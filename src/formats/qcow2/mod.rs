@@ -111,8 +111,8 @@ impl Qcow2Map {
         let meta = Meta {
             l1,
             l1_offset: hdr.l1_table_offset,
-            l1_dirty: false,
-            l2: crate::cache::TableCache::new(hdr.cluster_size() as usize, ctx.cache_size),
+            l1_dirty: None,
+            l2: crate::cache::TableCache::new(hdr.cluster_size() as usize, ctx.cache_size / 4 * 3),
             rc: Some(rc),
             incompat: hdr.incompatible,
             autoclear: hdr.autoclear,
@@ -268,7 +268,7 @@ impl BlockMap for Qcow2Map {
         let meta = Meta {
             l1,
             l1_offset: s.l1_table_offset,
-            l1_dirty: false,
+            l1_dirty: None,
             l2: crate::cache::TableCache::new(
                 self.hdr.cluster_size() as usize,
                 (self.cache_size / 4).max(2 * self.hdr.cluster_size()),

@@ -86,8 +86,7 @@ fn l2_for_write(map: &Qcow2Map, m: &mut Meta, l1_index: u64) -> Result<u64> {
     }
     let table: Box<[u8]> = if off != 0 {
         if refcounts(m)?.get(off >> g.cluster_bits)? == 1 {
-            m.l1[l1_index as usize] = off | OFLAG_COPIED;
-            m.l1_dirty = true;
+            m.set_l1(l1_index as usize, off | OFLAG_COPIED);
             return Ok(off);
         }
         // Shared with a snapshot: copy the table; its entries are shared too.
@@ -107,8 +106,7 @@ fn l2_for_write(map: &Qcow2Map, m: &mut Meta, l1_index: u64) -> Result<u64> {
     }
     let (cache, io) = m.split(&map.m.file, &map.m.data, g.external);
     cache.insert_new(&io, new, table)?;
-    m.l1[l1_index as usize] = new | OFLAG_COPIED;
-    m.l1_dirty = true;
+    m.set_l1(l1_index as usize, new | OFLAG_COPIED);
     Ok(new)
 }
 
@@ -415,14 +413,17 @@ pub fn flush(map: &Qcow2Map, m: &mut Meta) -> Result<()> {
         cache.flush(&io)?;
         file.sync()?;
     }
-    if m.l1_dirty {
-        let mut raw = vec![0u8; m.l1.len() * 8];
-        for (i, e) in m.l1.iter().enumerate() {
+    if let Some((a, b)) = m.l1_dirty {
+        // Whole 512-byte sectors around the changed entries.
+        let a = a / 64 * 64;
+        let b = (b.div_ceil(64) * 64).min(m.l1.len());
+        let mut raw = vec![0u8; (b - a) * 8];
+        for (i, e) in m.l1[a..b].iter().enumerate() {
             raw[i * 8..i * 8 + 8].copy_from_slice(&e.to_be_bytes());
         }
-        file.write_all_at(&raw, m.l1_offset)?;
+        file.write_all_at(&raw, m.l1_offset + a as u64 * 8)?;
         file.sync()?;
-        m.l1_dirty = false;
+        m.l1_dirty = None;
     }
     let rc = refcounts(m)?;
     if rc.has_pending_frees() {
