@@ -626,3 +626,118 @@ fn mutated_images_never_panic() {
         let _ = imgfs::formats::qcow2::Qcow2.check(f.host_file(&p, true), Repair::All);
     }
 }
+
+#[test]
+fn compressed_images_from_convert() {
+    // qemu-img convert -c packs compressed clusters back to back, sharing host clusters.
+    let d = tmpdir();
+    let src = d.path().join("src.raw");
+    let mut content = random_bytes(4, 1 << 20);
+    for (i, chunk) in content.chunks_mut(8192).enumerate() {
+        if i % 3 == 0 {
+            chunk.fill(i as u8); // compressible
+        } else if i % 3 == 1 {
+            chunk[..4096].fill(0);
+        }
+    }
+    std::fs::write(&src, &content).unwrap();
+    for ty in ["zlib", "zstd"] {
+        let p = d.path().join(format!("c-{ty}.qcow2"));
+        qemu_img(&[
+            "convert",
+            "-c",
+            "-O",
+            "qcow2",
+            "-o",
+            &format!("cluster_size=4096,compression_type={ty}"),
+            src.to_str().unwrap(),
+            p.to_str().unwrap(),
+        ]);
+        assert_check_clean("qcow2", &p);
+        let mut want = assert_reads_like_qemu(&p);
+        let img = open(&p, false);
+        scribble(&img, &mut want, 4096, 8);
+        img.write_zeroes(4096 * 50, 4096 * 10, true).unwrap();
+        want[4096 * 50..4096 * 60].fill(0);
+        finish(img, &p, &want, d.path());
+    }
+}
+
+#[test]
+fn parallel_readers_and_writers() {
+    let d = tmpdir();
+    let p = create(d.path(), "par.qcow2", "cluster_size=4096", "8M");
+    populate(d.path(), &p, 4096, 9);
+    let want = qemu_raw(&p);
+    let img = std::sync::Arc::new(open(&p, false));
+    let mut handles = Vec::new();
+    // Readers over the populated first half, writers each in their own region of the second.
+    for t in 0..4u64 {
+        let img = img.clone();
+        let want = want.clone();
+        handles.push(std::thread::spawn(move || {
+            let mut rng = imgfs::host::SplitMix64::new(t);
+            for _ in 0..200 {
+                let off = rng.below(4 << 20);
+                let len = 1 + rng.below(50_000).min((4 << 20) - off - 1);
+                let mut buf = vec![0u8; len as usize];
+                img.read_at(&mut buf, off).unwrap();
+                assert!(
+                    buf == want[off as usize..(off + len) as usize],
+                    "read at {off:#x}"
+                );
+            }
+        }));
+    }
+    for t in 0..3u64 {
+        let img = img.clone();
+        handles.push(std::thread::spawn(move || {
+            let base = (4 << 20) + t * (1 << 20);
+            for k in 0..50u64 {
+                let buf = random_bytes(t * 1000 + k, 20_000);
+                img.write_at(&buf, base + k * 20_000).unwrap();
+            }
+        }));
+    }
+    for h in handles {
+        h.join().unwrap();
+    }
+    let mut expect = want.clone();
+    for t in 0..3u64 {
+        let base = (4 << 20) + t * (1 << 20);
+        for k in 0..50u64 {
+            let at = (base + k * 20_000) as usize;
+            expect[at..at + 20_000].copy_from_slice(&random_bytes(t * 1000 + k, 20_000));
+        }
+    }
+    let img = std::sync::Arc::try_unwrap(img).unwrap();
+    finish(img, &p, &expect, d.path());
+}
+
+#[test]
+fn huge_sparse_image() {
+    // A 4 TiB image: L1 of 65536 entries; touch a few far-apart places only.
+    let d = tmpdir();
+    let p = create(d.path(), "huge.qcow2", "cluster_size=65536", "4T");
+    qemu_io("qcow2", &p, &["write -P 0x77 3T 70000"]);
+    {
+        let img = open(&p, false);
+        let mut buf = vec![0u8; 70000];
+        img.read_at(&mut buf, 3 << 40).unwrap();
+        assert!(buf.iter().all(|&b| b == 0x77));
+        img.write_at(&[0x99; 5000], (2 << 40) + 12345).unwrap();
+        img.write_at(&[0x98; 100], (4 << 40) - 100).unwrap();
+        img.close().unwrap();
+    }
+    assert_check_clean("qcow2", &p);
+    qemu_io(
+        "qcow2",
+        &p,
+        &[
+            "read -P 0x99 2199023267897 5000",
+            "read -P 0x98 4398046511004 100",
+            "read -P 0 0 65536",
+        ],
+    );
+    assert!(std::fs::metadata(&p).unwrap().len() < 4 << 20);
+}
