@@ -1,0 +1,454 @@
+//! Writes: allocation (refcount first), copy-on-write fills, zero/discard, ordered write-back.
+//!
+//! ```text
+//!   map_write:  L2 table for write (allocate, or COW when shared)
+//!               -> cluster in place (copied / refcount 1)  or
+//!                  new cluster at the end: fill head/tail from below / zeros / old / decompressed,
+//!                  L2 entry -> new | COPIED, old cluster freed later
+//!   flush:      extend file -> sync data -> refcount blocks, sync -> refcount table, sync
+//!               -> L2 tables, sync -> L1, sync -> deferred frees (refcount -1, punch)
+//! ```
+
+use super::compressed::CompressedRef;
+use super::header::{AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_DIRTY, OFF_AUTOCLEAR, OFF_INCOMPAT};
+use super::map::Meta;
+use super::map::{
+    sc_state, ALL_ZERO_BITS, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO,
+};
+use super::Qcow2Map;
+use crate::error::{Error, Result};
+use crate::image::{Below, Extent};
+
+enum Src<'a> {
+    Below,
+    Zeros,
+    Bytes(&'a [u8]),
+}
+
+fn refcounts(m: &mut Meta) -> Result<&mut super::refcount::Refcounts> {
+    m.rc.as_mut()
+        .ok_or_else(|| Error::read_only("snapshot views are read-only"))
+}
+
+/// Set or clear the dirty bit in the header, durably.
+pub fn set_incompat(map: &Qcow2Map, m: &mut Meta, dirty: bool) -> Result<()> {
+    let v = if dirty {
+        m.incompat | INCOMPAT_DIRTY
+    } else {
+        m.incompat & !INCOMPAT_DIRTY
+    };
+    let file = &map.m.file;
+    file.write_all_at(&v.to_be_bytes(), OFF_INCOMPAT)?;
+    file.sync()?;
+    m.incompat = v;
+    Ok(())
+}
+
+/// First-write header updates: clear autoclear bits we do not maintain, mark dirty for lazy
+/// refcounts (QEMU's rule), each durable before any other metadata is written.
+fn prepare(map: &Qcow2Map, m: &mut Meta) -> Result<()> {
+    if map.read_only {
+        return Err(Error::read_only("image is open read-only"));
+    }
+    if m.prepared {
+        return Ok(());
+    }
+    let file = &map.m.file;
+    if m.autoclear != 0 {
+        let keep = if map.m.geo.external {
+            m.autoclear & AUTOCLEAR_DATA_FILE_RAW
+        } else {
+            0
+        };
+        if keep != m.autoclear {
+            file.write_all_at(&keep.to_be_bytes(), OFF_AUTOCLEAR)?;
+            file.sync()?;
+            m.autoclear = keep;
+        }
+    }
+    if map.m.geo.version >= 3 && map.hdr.lazy_refcounts() && m.incompat & INCOMPAT_DIRTY == 0 {
+        set_incompat(map, m, true)?;
+    }
+    m.prepared = true;
+    Ok(())
+}
+
+/// The L2 table for `l1_index`, allocated or copied so that it may be modified in place.
+fn l2_for_write(map: &Qcow2Map, m: &mut Meta, l1_index: u64) -> Result<u64> {
+    let g = &map.m.geo;
+    let e = *m
+        .l1
+        .get(l1_index as usize)
+        .ok_or_else(|| Error::invalid("write past the L1 table"))?;
+    let off = map.m.l2_offset(m, l1_index)?;
+    if off != 0 && e & OFLAG_COPIED != 0 {
+        return Ok(off);
+    }
+    let table: Box<[u8]> = if off != 0 {
+        if refcounts(m)?.get(off >> g.cluster_bits)? == 1 {
+            m.set_l1(l1_index as usize, off | OFLAG_COPIED);
+            return Ok(off);
+        }
+        // Shared with a snapshot: copy the table; its entries are shared too.
+        let (cache, io) = m.split(&map.m.file, &map.m.data, g.external);
+        let mut t = cache.with(&io, off, |t| t.to_vec())?;
+        for e in t.chunks_exact_mut(g.entry_bytes()) {
+            e[0] &= 0x7f;
+        }
+        t.into_boxed_slice()
+    } else {
+        vec![0u8; g.cs as usize].into_boxed_slice()
+    };
+    let rc = refcounts(m)?;
+    let new = rc.alloc(1)?;
+    if off != 0 {
+        rc.defer_free(off, g.cs);
+    }
+    let (cache, io) = m.split(&map.m.file, &map.m.data, g.external);
+    cache.insert_new(&io, new, table)?;
+    m.set_l1(l1_index as usize, new | OFLAG_COPIED);
+    Ok(new)
+}
+
+/// May the data cluster of entry `e` be written in place?
+fn owned(map: &Qcow2Map, m: &mut Meta, e: u64) -> Result<bool> {
+    if e & OFLAG_COPIED != 0 || map.m.geo.external {
+        return Ok(true);
+    }
+    let host = e & L2E_OFFSET_MASK;
+    Ok(refcounts(m)?.get(host >> map.m.geo.cluster_bits)? == 1)
+}
+
+fn alloc_data(map: &Qcow2Map, m: &mut Meta, guest_cluster: u64) -> Result<u64> {
+    if map.m.geo.external {
+        // Data file clusters are not refcounted: host offset = guest offset.
+        return Ok(guest_cluster);
+    }
+    refcounts(m)?.alloc(1)
+}
+
+/// Fill `ranges` (offsets within the cluster) of a newly used cluster from `src`.
+fn fill(
+    map: &Qcow2Map,
+    below: &dyn Below,
+    host: u64,
+    guest: u64,
+    ranges: &[(u64, u64)],
+    src: &Src,
+    known_zero: bool,
+) -> Result<()> {
+    for &(s, e) in ranges {
+        if s >= e {
+            continue;
+        }
+        let mut buf = vec![0u8; (e - s) as usize];
+        match src {
+            Src::Below => below.read_below(guest + s, &mut buf)?,
+            Src::Zeros => {}
+            Src::Bytes(b) => buf.copy_from_slice(&b[s as usize..e as usize]),
+        }
+        if known_zero && buf.iter().all(|&b| b == 0) {
+            continue;
+        }
+        map.m.data.write_all_at(&buf, host + s)?;
+    }
+    Ok(())
+}
+
+fn read_cluster(map: &Qcow2Map, host: u64) -> Result<Vec<u8>> {
+    let mut buf = vec![0u8; map.m.geo.cs as usize];
+    map.m.data.read_zerofill(&mut buf, host)?;
+    Ok(buf)
+}
+
+fn free_old(map: &Qcow2Map, m: &mut Meta, e: u64) -> Result<()> {
+    let g = &map.m.geo;
+    if e & OFLAG_COMPRESSED != 0 {
+        let r = CompressedRef::decode(e, g.cluster_bits);
+        let (off, len) = r.refcount_range();
+        refcounts(m)?.defer_free(off, len);
+        map.m.forget_compressed();
+    } else if !g.external && e & L2E_OFFSET_MASK != 0 {
+        refcounts(m)?.defer_free(e & L2E_OFFSET_MASK, g.cs);
+    }
+    Ok(())
+}
+
+pub fn map_write(map: &Qcow2Map, off: u64, len: u64, below: &dyn Below) -> Result<Extent> {
+    let g = &map.m.geo;
+    let mut mg = map.m.lock();
+    let m = &mut *mg;
+    prepare(map, m)?;
+    let cluster = off >> g.cluster_bits;
+    let in_c = off & (g.cs - 1);
+    let n = len.min(g.cs - in_c);
+    let l1_index = cluster / g.l2_entries;
+    let l2_index = cluster % g.l2_entries;
+    let l2_off = l2_for_write(map, m, l1_index)?;
+    let (e, b) = map.m.l2_entry(m, l2_off, l2_index)?;
+    // Validates the entry.
+    map.m.classify(e, b, in_c)?;
+    let guest = cluster << g.cluster_bits;
+    if g.ext_l2 && e & OFLAG_COMPRESSED == 0 {
+        return write_ext(map, m, below, (l2_off, l2_index), (e, b), guest, in_c, n);
+    }
+    let host = e & L2E_OFFSET_MASK;
+    let compressed = e & OFLAG_COMPRESSED != 0;
+    let zero = !g.ext_l2 && g.version >= 3 && e & OFLAG_ZERO != 0;
+    let has_host = !compressed && (host != 0 || (g.external && e & OFLAG_COPIED != 0));
+    let ranges = [(0, in_c), (in_c + n, g.cs)];
+    if has_host && owned(map, m, e)? {
+        if zero {
+            let known_zero = host >= map.m.data.len()?;
+            fill(map, below, host, guest, &ranges, &Src::Zeros, known_zero)?;
+        }
+        let ne = host | OFLAG_COPIED;
+        if ne != e {
+            map.m.set_l2_entry(m, l2_off, l2_index, ne, 0)?;
+        }
+        let n = if zero {
+            n
+        } else {
+            extend_in_place(map, m, l2_off, l2_index, host, n, len)?
+        };
+        return Ok(Extent::Data {
+            host: host + in_c,
+            len: n,
+        });
+    }
+    let new = alloc_data(map, m, guest)?;
+    let known_zero = new >= map.m.data.len()?;
+    let old;
+    let src = if compressed {
+        let mut buf = vec![0u8; g.cs as usize];
+        map.m.decompress(e, &mut buf)?;
+        old = buf;
+        Src::Bytes(&old)
+    } else if zero {
+        Src::Zeros
+    } else if has_host {
+        old = read_cluster(map, host)?;
+        Src::Bytes(&old)
+    } else {
+        Src::Below
+    };
+    fill(map, below, new, guest, &ranges, &src, known_zero)?;
+    let nb = if g.ext_l2 { 0xffff_ffff } else { 0 };
+    map.m
+        .set_l2_entry(m, l2_off, l2_index, new | OFLAG_COPIED, nb)?;
+    free_old(map, m, e)?;
+    Ok(Extent::Data {
+        host: new + in_c,
+        len: n,
+    })
+}
+
+/// Grow an in-place run over following clusters that are owned and contiguous on the host.
+fn extend_in_place(
+    map: &Qcow2Map,
+    m: &mut Meta,
+    l2_off: u64,
+    l2_index: u64,
+    host: u64,
+    mut n: u64,
+    len: u64,
+) -> Result<u64> {
+    let g = &map.m.geo;
+    let mut k = 1;
+    while n < len && l2_index + k < g.l2_entries {
+        let (e, b) = map.m.l2_entry(m, l2_off, l2_index + k)?;
+        let plain = e & (OFLAG_COMPRESSED | OFLAG_ZERO) == 0 && e & OFLAG_COPIED != 0;
+        let all_alloc = !g.ext_l2 || b & 0xffff_ffff == 0xffff_ffff;
+        if !plain || !all_alloc || e & L2E_OFFSET_MASK != host + k * g.cs {
+            break;
+        }
+        n += (len - n).min(g.cs);
+        k += 1;
+    }
+    Ok(n)
+}
+
+/// A write into a standard cluster with extended L2 entries: allocate per subcluster.
+#[allow(clippy::too_many_arguments)]
+fn write_ext(
+    map: &Qcow2Map,
+    m: &mut Meta,
+    below: &dyn Below,
+    (l2_off, l2_index): (u64, u64),
+    (e, b): (u64, u64),
+    guest: u64,
+    in_c: u64,
+    n: u64,
+) -> Result<Extent> {
+    let g = &map.m.geo;
+    let host = e & L2E_OFFSET_MASK;
+    let has_host = host != 0 || (g.external && e & OFLAG_COPIED != 0);
+    let is_owned = has_host && owned(map, m, e)?;
+    let (target, copied_from) = if is_owned {
+        (host, None)
+    } else {
+        let new = alloc_data(map, m, guest)?;
+        (new, has_host.then_some(host))
+    };
+    let known_zero = copied_from.is_none() && !is_owned && target >= map.m.data.len()?;
+    if let Some(old) = copied_from {
+        let buf = read_cluster(map, old)?;
+        map.m.data.write_all_at(&buf, target)?;
+    }
+    let scs = g.sc_size;
+    let s0 = in_c / scs;
+    let s1 = (in_c + n - 1) / scs;
+    let mut edges = vec![s0];
+    if s1 != s0 {
+        edges.push(s1);
+    }
+    for sc in edges {
+        let state = sc_state(b, sc);
+        if state == b'A' {
+            continue;
+        }
+        let (lo, hi) = (sc * scs, (sc + 1) * scs);
+        let ranges = [(lo, in_c.max(lo).min(hi)), ((in_c + n).max(lo), hi)];
+        let src = if state == b'Z' {
+            Src::Zeros
+        } else {
+            Src::Below
+        };
+        fill(map, below, target, guest, &ranges, &src, known_zero)?;
+    }
+    let touched = ((1u64 << (s1 + 1)) - 1) & !((1u64 << s0) - 1);
+    let nb = (b | touched) & !(touched << 32);
+    let ne = target | OFLAG_COPIED;
+    if (ne, nb) != (e, b) {
+        map.m.set_l2_entry(m, l2_off, l2_index, ne, nb)?;
+    }
+    if copied_from.is_some() {
+        free_old(map, m, e)?;
+    }
+    Ok(Extent::Data {
+        host: target + in_c,
+        len: n,
+    })
+}
+
+/// Make whole clusters read as zeros through metadata. Ok(false) where qcow2 cannot say it.
+pub fn write_zeroes(map: &Qcow2Map, off: u64, len: u64, unmap: bool) -> Result<bool> {
+    let g = &map.m.geo;
+    if g.data_raw || (g.version < 3 && g.has_backing) {
+        return Ok(false);
+    }
+    if !off.is_multiple_of(g.cs) || !len.is_multiple_of(g.cs) {
+        return Ok(false);
+    }
+    let mut mg = map.m.lock();
+    let m = &mut *mg;
+    prepare(map, m)?;
+    let mut cluster = off >> g.cluster_bits;
+    let end = (off + len) >> g.cluster_bits;
+    while cluster < end {
+        let l1_index = cluster / g.l2_entries;
+        let l2_index = cluster % g.l2_entries;
+        if !g.has_backing && map.m.l2_offset(m, l1_index)? == 0 {
+            // The whole table is unallocated and reads as zeros already.
+            cluster += g.l2_entries - l2_index;
+            continue;
+        }
+        let l2_off = l2_for_write(map, m, l1_index)?;
+        let (e, b) = map.m.l2_entry(m, l2_off, l2_index)?;
+        map.m.classify(e, b, 0)?;
+        let (ne, nb) = zeroed_entry(map, m, e, unmap)?;
+        if (ne, nb) != (e, b) {
+            map.m.set_l2_entry(m, l2_off, l2_index, ne, nb)?;
+        }
+        cluster += 1;
+    }
+    Ok(true)
+}
+
+/// The entry (and bitmap) of a cluster after zeroing it; frees what is no longer used.
+fn zeroed_entry(map: &Qcow2Map, m: &mut Meta, e: u64, unmap: bool) -> Result<(u64, u64)> {
+    let g = &map.m.geo;
+    let host = e & L2E_OFFSET_MASK;
+    let compressed = e & OFLAG_COMPRESSED != 0;
+    let has_host = !compressed && (host != 0 || (g.external && e & OFLAG_COPIED != 0));
+    let keep = !unmap && has_host && g.version >= 3 && owned(map, m, e)?;
+    if keep {
+        return Ok(if g.ext_l2 {
+            (host | OFLAG_COPIED, ALL_ZERO_BITS)
+        } else {
+            (host | OFLAG_COPIED | OFLAG_ZERO, 0)
+        });
+    }
+    if has_host || compressed {
+        free_old(map, m, e)?;
+    }
+    let need_flag = g.has_backing || g.external;
+    Ok(match (g.ext_l2, need_flag && g.version >= 3) {
+        (true, true) => (0, ALL_ZERO_BITS),
+        (true, false) => (0, 0),
+        (false, true) => (OFLAG_ZERO, 0),
+        (false, false) => (0, 0),
+    })
+}
+
+/// Everything durable, in the safe order.
+pub fn flush(map: &Qcow2Map, m: &mut Meta) -> Result<()> {
+    if map.read_only || m.rc.is_none() {
+        return Ok(());
+    }
+    let g = &map.m.geo;
+    let file = &map.m.file;
+    let end = refcounts(m)?.next_free << g.cluster_bits;
+    if file.len()? < end {
+        file.set_len(end)?;
+    }
+    if g.external {
+        map.m.data.sync()?;
+    }
+    file.sync()?;
+    refcounts(m)?.flush_durable()?;
+    if m.l2.is_dirty() {
+        let (cache, io) = m.split(file, &map.m.data, g.external);
+        io.deps_done.set(true);
+        cache.flush(&io)?;
+        file.sync()?;
+    }
+    if let Some((a, b)) = m.l1_dirty {
+        // Whole 512-byte sectors around the changed entries.
+        let a = a / 64 * 64;
+        let b = (b.div_ceil(64) * 64).min(m.l1.len());
+        let mut raw = vec![0u8; (b - a) * 8];
+        for (i, e) in m.l1[a..b].iter().enumerate() {
+            raw[i * 8..i * 8 + 8].copy_from_slice(&e.to_be_bytes());
+        }
+        file.write_all_at(&raw, m.l1_offset + a as u64 * 8)?;
+        file.sync()?;
+        m.l1_dirty = None;
+    }
+    let rc = refcounts(m)?;
+    if rc.has_pending_frees() {
+        let punch = rc.apply_frees()?;
+        rc.flush_durable()?;
+        for (off, len) in punch {
+            file.punch_hole(off, len)?;
+        }
+    }
+    Ok(())
+}
+
+/// Allocate every cluster of the image (preallocation=metadata).
+pub fn preallocate(map: &Qcow2Map) -> Result<()> {
+    let g = &map.m.geo;
+    let mut mg = map.m.lock();
+    let m = &mut *mg;
+    prepare(map, m)?;
+    let clusters = map.size.div_ceil(g.cs);
+    for cluster in 0..clusters {
+        let l2_off = l2_for_write(map, m, cluster / g.l2_entries)?;
+        let host = alloc_data(map, m, cluster << g.cluster_bits)?;
+        let nb = if g.ext_l2 { 0xffff_ffff } else { 0 };
+        map.m
+            .set_l2_entry(m, l2_off, cluster % g.l2_entries, host | OFLAG_COPIED, nb)?;
+    }
+    flush(map, m)
+}
