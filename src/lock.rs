@@ -44,12 +44,30 @@ impl LockMode {
     }
 }
 
+/// How long a conflicting lock may take to go away: a daemon killed with SIGKILL keeps its locks
+/// until its last thread has finished the system call it was in.
+const LOCK_RETRIES: u32 = 5;
+const LOCK_RETRY_DELAY: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Lock `file` for `mode`, or fail with `ErrorKind::Locked` naming the conflicting permission.
 /// The locks live as long as the file's descriptor. In-memory files are not locked.
 pub fn acquire(file: &HostFile, mode: LockMode) -> Result<()> {
     let Some(fd) = file.raw_fd() else {
         return Ok(());
     };
+    let mut attempt = 0;
+    loop {
+        match try_acquire(file, fd, mode) {
+            Err(e) if e.kind() == ErrorKind::Locked && attempt < LOCK_RETRIES => {
+                attempt += 1;
+                std::thread::sleep(LOCK_RETRY_DELAY);
+            }
+            other => return other,
+        }
+    }
+}
+
+fn try_acquire(file: &HostFile, fd: RawFd, mode: LockMode) -> Result<()> {
     let locked = |why: String| {
         Error::new(
             ErrorKind::Locked,

@@ -41,18 +41,18 @@ pub fn run(args: SnapshotArgs) -> i32 {
     }
     println!("Snapshot list:");
     println!(
-        "{:<10}{:<18}{:>7}{:>21}{:>13}{:>10}",
+        "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
         "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
     );
     for s in snaps {
         println!(
-            "{:<10}{:<18}{:>7}{:>21}{:>15}{:>8}",
+            "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
             s.id,
             s.name,
             human_size(s.vm_state_size),
             format_date(s.date_sec),
             format_clock(s.vm_clock_nsec),
-            "--"
+            ""
         );
     }
     0

@@ -292,11 +292,28 @@ pub fn pwrite(path: &Path, off: u64, data: &[u8]) -> std::io::Result<()> {
     f.sync_all()
 }
 
+/// Is any thread of `pid` still running? After SIGKILL the group leader can be a zombie while
+/// another thread still finishes a system call (and still holds the process's files and locks).
 pub fn process_alive(pid: i32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
-        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .unwrap_or_default()
-            .contains(") Z ")
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().any(|t| {
+        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        let state = stat.rsplit(") ").next().and_then(|r| r.chars().next());
+        !matches!(state, None | Some('Z') | Some('X'))
+    })
+}
+
+/// Lazily unmounts `dir` on drop if it is still mounted (e.g. a dead mount after a failed test).
+pub struct MountGuard(pub PathBuf);
+
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        if is_mounted(&self.0) {
+            let _ = run("umount", &["-l", self.0.to_str().unwrap()]);
+        }
+    }
 }
 
 /// Wait up to `secs` for `cond`.
