@@ -145,6 +145,13 @@ pub trait BlockMap: Send + Sync {
         self.flush()
     }
 
+    /// The host offset below which `Data` extents can legitimately point: the end of what the
+    /// format has allocated (the file may be shorter until the next flush). A read that starts
+    /// past both the end of the file and this is corruption. None: unknown, read zeros there.
+    fn data_end(&self) -> Option<u64> {
+        None
+    }
+
     /// The file `Data` extents point into when it is not the image file itself.
     fn data_file(&self) -> Option<HostFile> {
         None
@@ -519,12 +526,30 @@ impl Image {
             }
             let part = &mut buf[done..done + n];
             match ext {
-                Extent::Data { host, .. } => self.data.read_zerofill(part, host)?,
+                Extent::Data { host, .. } => self.read_data(part, host, pos)?,
                 Extent::Zero { .. } => part.fill(0),
                 Extent::Backing { .. } => self.read_below(pos, part)?,
                 Extent::Format { .. } => self.map.read_format(pos, part)?,
             }
             done += n;
+        }
+        Ok(())
+    }
+
+    /// Read a `Data` extent. Past the end of the file reads zeros (a freshly allocated cluster
+    /// the format has not extended the file over yet), unless the extent starts beyond what the
+    /// format ever allocated: then a table entry points outside the image.
+    fn read_data(&self, part: &mut [u8], host: u64, guest: u64) -> Result<()> {
+        let n = self.data.read_at(part, host)?;
+        if n < part.len() {
+            if n == 0 && self.map.data_end().is_some_and(|end| host >= end) {
+                return Err(Error::corrupt(format!(
+                    "guest offset {guest:#x} maps to host offset {host:#x}, past the end of the \
+                     image's data"
+                ))
+                .at(host));
+            }
+            part[n..].fill(0);
         }
         Ok(())
     }

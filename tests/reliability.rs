@@ -120,3 +120,59 @@ fn kill9_raw() {
 fn kill9_qcow2() {
     kill_many("qcow2", 5);
 }
+
+/// Point the L2 entry of guest cluster `index` of a fresh 64 KiB-cluster qcow2 past the end of
+/// the file (a corruption QEMU would also refuse to follow).
+fn corrupt_qcow2_l2_entry(img: &Path, index: u64) {
+    let bytes = std::fs::read(img).unwrap();
+    let be64 = |at: usize| u64::from_be_bytes(bytes[at..at + 8].try_into().unwrap());
+    let l1_offset = be64(40) as usize;
+    let l2_offset = (be64(l1_offset) & 0x00ff_ffff_ffff_fe00) as usize;
+    assert!(l2_offset > 0, "cluster 0 must be allocated");
+    let bad = (1u64 << 63) | (1u64 << 40); // OFLAG_COPIED | 1 TiB: far past the end
+    let f = std::fs::OpenOptions::new().write(true).open(img).unwrap();
+    f.write_all_at(&bad.to_be_bytes(), (l2_offset + 8 * index as usize) as u64)
+        .unwrap();
+}
+
+#[test]
+fn corrupt_table_fails_only_its_range_and_degrades_only_its_image() {
+    let t = tmpdir();
+    let bad = t.path().join("bad.qcow2");
+    let good = t.path().join("good.qcow2");
+    for p in [&bad, &good] {
+        qemu_img(&["create", "-q", "-f", "qcow2", p.to_str().unwrap(), "8M"]);
+        qemu_io("qcow2", p, &["write -P 0x5a 0 1M"]);
+    }
+    corrupt_qcow2_l2_entry(&bad, 3);
+    let m = Mount::new(&[&bad, &good], &t.path().join("mnt"), &[]);
+    let b = m.file("bad.raw");
+    // The corrupt cluster fails with EIO; its neighbours still read.
+    let f = std::fs::File::open(&b).unwrap();
+    let mut buf = vec![0u8; 4096];
+    let e = f.read_exact_at(&mut buf, 3 * 65536).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO));
+    drop(f);
+    assert_eq!(pread(&b, 2 * 65536, 4096), vec![0x5a; 4096]);
+    assert_eq!(pread(&b, 4 * 65536, 4096), vec![0x5a; 4096]);
+    // That image is now read-only, and says so; the other keeps taking writes.
+    let state = ok(
+        "getfattr",
+        &[
+            "--only-values",
+            "-n",
+            "user.imgfs.state",
+            b.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(state, "degraded");
+    let e = pwrite(&b, 0, b"x").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS));
+    pwrite(&m.file("good.raw"), 4096, b"still fine").unwrap();
+    let (ok_, err) = m.umount();
+    assert!(ok_, "{err}");
+    assert_check_clean("qcow2", &good);
+    // imgfs info still describes the damaged image.
+    let info = ok(IMGFS, &["info", bad.to_str().unwrap()]);
+    assert!(info.contains("qcow2"), "{info}");
+}

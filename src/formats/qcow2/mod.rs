@@ -243,6 +243,18 @@ impl BlockMap for Qcow2Map {
         self.data_file.clone()
     }
 
+    fn data_end(&self) -> Option<u64> {
+        if self.data_file.is_some() {
+            return None;
+        }
+        let m = self.m.lock();
+        match &m.rc {
+            // Writable: clusters up to the allocation frontier may still be past EOF.
+            Some(rc) => Some(rc.next_free << rc.cluster_bits()),
+            None => self.m.file.len().ok(),
+        }
+    }
+
     fn stats(&self) -> FormatStats {
         let m = self.m.lock();
         FormatStats {
