@@ -1,0 +1,233 @@
+//! Hostile images: real images made by qemu-img, mutated at random (header fields set to edge values,
+//! bytes flipped, files truncated), then opened, read and written through the engine. Every outcome
+//! is allowed except a panic, a hang, or a huge allocation. Each iteration is reproducible from its
+//! seed. Formats join automatically once they are registered.
+
+mod common;
+use common::*;
+use imgfs::host::SplitMix64;
+use imgfs::image::{Image, OpenOpts};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const ITERATIONS: u64 = 600;
+
+/// Build the seed images of a format (several variants), or None when imgfs lacks the format.
+fn seed_images(fmt: &str, dir: &Path) -> Option<Vec<Vec<u8>>> {
+    imgfs::formats::by_name(fmt).ok()?;
+    let data = write_file(dir, "data.bin", &random_bytes(1, 256 << 10));
+    let d = data.to_str().unwrap().to_string();
+    let mut out = Vec::new();
+    let variants: Vec<Vec<&str>> = match fmt {
+        "qcow2" => vec![
+            vec!["-o", "cluster_size=4096"],
+            vec!["-o", "cluster_size=65536,lazy_refcounts=on"],
+            vec!["-o", "compat=0.10,cluster_size=512"],
+            vec!["-o", "extended_l2=on,cluster_size=65536"],
+        ],
+        "qed" => vec![vec!["-o", "cluster_size=4096"], vec!["-o", "table_size=2"]],
+        "vhdx" => vec![
+            vec!["-o", "block_size=1M"],
+            vec!["-o", "block_size=8M,subformat=dynamic"],
+        ],
+        "qcow" => vec![vec![]],
+        _ => return None,
+    };
+    for (i, v) in variants.iter().enumerate() {
+        let p = dir.join(format!("seed{i}.{fmt}"));
+        let mut args = vec!["create", "-q", "-f", fmt];
+        args.extend(v.iter().copied());
+        args.push(p.to_str().unwrap());
+        args.push("4M");
+        qemu_img(&args);
+        qemu_io(
+            fmt,
+            &p,
+            &[
+                &format!("write -s {d} 65536 262144"),
+                "write -P 7 2M 4096",
+                "write -z 3M 65536",
+            ],
+        );
+        if fmt == "qcow2" && i == 1 {
+            qemu_img(&["snapshot", "-c", "s1", p.to_str().unwrap()]);
+            qemu_io(fmt, &p, &["write -P 9 0 8192"]);
+        }
+        out.push(std::fs::read(&p).unwrap());
+    }
+    Some(out)
+}
+
+const EDGE: [u64; 10] = [
+    0,
+    1,
+    0x200,
+    0x1_0000,
+    0x7fff_ffff,
+    0xffff_ffff,
+    1 << 40,
+    1 << 62,
+    u64::MAX,
+    0x8000_0000_0000_0000,
+];
+
+fn mutate(rng: &mut SplitMix64, mut b: Vec<u8>) -> Vec<u8> {
+    for _ in 0..1 + rng.below(6) {
+        let len = b.len() as u64;
+        if len < 16 {
+            break;
+        }
+        let hot = len.min(128 << 10);
+        match rng.below(10) {
+            0..=3 => {
+                // An aligned header/table field set to an edge value, big- or little-endian.
+                let at = rng.below(hot.clamp(8, 1024) - 7) & !3;
+                let v = match rng.below(3) {
+                    0 => EDGE[rng.below(EDGE.len() as u64) as usize],
+                    1 => len + rng.below(1 << 20),
+                    _ => rng.next_u64(),
+                };
+                let bytes = if rng.below(2) == 0 {
+                    v.to_be_bytes()
+                } else {
+                    v.to_le_bytes()
+                };
+                let n = if rng.below(2) == 0 { 8 } else { 4 };
+                let at = at as usize;
+                if at + n <= b.len() {
+                    b[at..at + n].copy_from_slice(&bytes[8 - n..]);
+                }
+            }
+            4..=7 => {
+                let span = if rng.below(4) == 0 { len } else { hot };
+                let at = rng.below(span) as usize;
+                b[at] ^= 1 << rng.below(8);
+            }
+            8 => {
+                let at = rng.below(hot) as usize & !7;
+                if at + 8 <= b.len() {
+                    b[at..at + 8].copy_from_slice(&rng.next_u64().to_be_bytes());
+                }
+            }
+            _ => b.truncate(rng.below(len) as usize),
+        }
+    }
+    b
+}
+
+/// Open, read and write what we can; errors are fine, panics are not.
+fn exercise(path: &Path, fmt: &str, rng: &mut SplitMix64) -> bool {
+    let read_only = rng.below(2) == 0;
+    let opts = OpenOpts {
+        format: Some(fmt.to_string()),
+        read_only,
+        lock: false,
+        cache_size: 64 << 10,
+        ..OpenOpts::default()
+    };
+    let Ok(img) = Image::open(path, &opts) else {
+        return false;
+    };
+    let size = img.size();
+    if size == 0 {
+        return true;
+    }
+    let mut buf = vec![0u8; 256 << 10];
+    for i in 0..24 {
+        let n = 1 + rng.below(buf.len() as u64).min(size);
+        let off = match i {
+            0 => 0,
+            1 => size - n,
+            _ => rng.below(size - n + 1),
+        };
+        let _ = img.read_at(&mut buf[..n as usize], off);
+    }
+    let _ = img.seek_data(rng.below(size));
+    if !read_only {
+        for _ in 0..4 {
+            let n = 1 + rng.below(65536).min(size - 1);
+            let off = rng.below(size - n + 1);
+            rng.fill(&mut buf[..n as usize]);
+            let _ = img.write_at(&buf[..n as usize], off);
+        }
+        let n = rng.below(1 << 20).min(size);
+        let _ = img.write_zeroes(rng.below(size - n + 1), n, true);
+        let _ = img.flush();
+    }
+    let _ = img.close();
+    true
+}
+
+fn fuzz_format(fmt: &str) {
+    let t = tmpdir();
+    let Some(seeds) = seed_images(fmt, t.path()) else {
+        eprintln!("{fmt}: not registered yet; skipped");
+        return;
+    };
+    // A hang is a failure too: abort with the seed rather than stall the suite.
+    let current = Arc::new(AtomicU64::new(u64::MAX));
+    let started = Arc::new(AtomicU64::new(0));
+    let epoch = Instant::now();
+    {
+        let (current, started) = (current.clone(), started.clone());
+        let fmt = fmt.to_string();
+        std::thread::spawn(move || loop {
+            std::thread::sleep(Duration::from_secs(1));
+            let s = current.load(Ordering::SeqCst);
+            if s != u64::MAX && epoch.elapsed().as_secs() - started.load(Ordering::SeqCst) > 60 {
+                eprintln!("{fmt}: seed {s} hangs (over 60 s)");
+                std::process::abort();
+            }
+        });
+    }
+    let path = t.path().join(format!("fuzz.{fmt}"));
+    let mut opened = 0;
+    for seed in 0..ITERATIONS {
+        let mut rng = SplitMix64::new(seed * 7919 + fmt.len() as u64);
+        let base = seeds[(seed % seeds.len() as u64) as usize].clone();
+        let bytes = mutate(&mut rng, base);
+        std::fs::write(&path, &bytes).unwrap();
+        current.store(seed, Ordering::SeqCst);
+        started.store(epoch.elapsed().as_secs(), Ordering::SeqCst);
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            exercise(&path, fmt, &mut rng)
+        }));
+        opened += u64::from(r.as_ref().is_ok_and(|o| *o));
+        if r.is_err() {
+            let keep = std::env::temp_dir().join(format!("imgfs-fuzz-crash-{fmt}-{seed}"));
+            std::fs::write(&keep, &bytes).unwrap();
+            panic!(
+                "{fmt}: seed {seed} panicked; input saved to {}",
+                keep.display()
+            );
+        }
+    }
+    current.store(u64::MAX, Ordering::SeqCst);
+    eprintln!("{fmt}: {ITERATIONS} mutated images survived ({opened} opened and exercised)");
+    assert!(
+        opened > ITERATIONS / 10,
+        "{fmt}: too few mutants open; the fuzz is not reaching the tables"
+    );
+}
+
+#[test]
+fn hostile_qcow2() {
+    fuzz_format("qcow2");
+}
+
+#[test]
+fn hostile_qed() {
+    fuzz_format("qed");
+}
+
+#[test]
+fn hostile_qcow() {
+    fuzz_format("qcow");
+}
+
+#[test]
+fn hostile_vhdx() {
+    fuzz_format("vhdx");
+}
