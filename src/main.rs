@@ -25,6 +25,8 @@ enum Cmd {
     Snapshot(cli::snapshot::SnapshotArgs),
     /// Show per-image statistics of a mount.
     Stats(cli::stats::StatsArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
 }
 
 fn main() {
@@ -50,6 +52,11 @@ fn main() {
         Cmd::Check(a) => cli::check::run(a),
         Cmd::Snapshot(a) => cli::snapshot::run(a),
         Cmd::Stats(a) => cli::stats::run(a),
+        Cmd::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "imgfs", &mut std::io::stdout());
+            0
+        }
     };
     std::process::exit(code);
 }

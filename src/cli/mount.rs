@@ -10,6 +10,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 #[derive(Args, Debug, Clone)]
+#[command(
+    override_usage = "imgfs mount [OPTIONS] IMAGE... MOUNTPOINT",
+    after_help = "Examples:\n  imgfs mount disk.qcow2 /mnt/img          # /mnt/img/disk.raw\n  \
+imgfs mount -r /var/lib/images /mnt/all    # every image in the directory, read-only\n  \
+imgfs mount -f disk.vhdx /mnt/img          # stay in the foreground, log to stderr"
+)]
 pub struct MountArgs {
     /// Expose the images read-only (the image files are never written).
     #[arg(short = 'r', long)]
@@ -33,7 +39,7 @@ pub struct MountArgs {
     #[arg(long)]
     pub allow_backing_outside: bool,
     /// Image files, or directories whose image files are all exposed; then the mountpoint.
-    #[arg(required = true, num_args = 2..)]
+    #[arg(required = true, num_args = 2.., value_name = "PATH")]
     pub paths: Vec<PathBuf>,
 }
 
