@@ -198,7 +198,10 @@ impl Mount {
     /// `imgfs umount`; returns its exit status and stderr.
     pub fn umount(mut self) -> (bool, String) {
         let r = umount_dir(&self.dir);
-        self.dir = PathBuf::new();
+        if r.0 {
+            // Done; otherwise Drop still detaches the mount.
+            self.dir = PathBuf::new();
+        }
         r
     }
 }
