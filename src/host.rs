@@ -166,6 +166,7 @@ impl HostFile {
             let n = (len - done).min(CHUNK);
             self.write_all_at(&zeros[..n as usize], off + done)?;
             done += n;
+            crate::progress::update(done, len);
         }
         Ok(())
     }

@@ -14,4 +14,5 @@ pub mod cli;
 pub mod daemon;
 pub mod fuse;
 pub mod logging;
+pub mod progress;
 pub mod stats;

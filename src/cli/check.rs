@@ -30,6 +30,7 @@ pub fn run(args: CheckArgs) -> i32 {
         _ => Repair::None,
     };
     let writable = repair != Repair::None;
+    let _bar = crate::progress::Bar::start(if writable { "repairing" } else { "checking" });
     let result = HostFile::open(&args.image, writable).and_then(|file| {
         let mode = if writable {
             LockMode::Write

@@ -90,6 +90,7 @@ fn create(args: &CreateArgs) -> Result<()> {
         ));
     }
     let file = open_new(&args.image)?;
+    let _bar = crate::progress::Bar::start("creating");
     if let Err(e) = format.create(&file, &opts).and_then(|()| file.sync()) {
         let _ = std::fs::remove_file(&args.image);
         return Err(e.in_file(&args.image));
