@@ -45,17 +45,14 @@ fn render_loop(label: &str, stop: &AtomicBool) {
             continue;
         }
         let (done, total) = (DONE.load(Ordering::Relaxed), TOTAL.load(Ordering::Relaxed));
-        let line = if total == 0 {
-            format!("{label}... {}s", tick / 10)
-        } else {
-            let width = 30;
-            let filled = (done * width / total) as usize;
-            format!(
+        let line = match (done * 30).checked_div(total) {
+            None => format!("{label}... {}s", tick / 10),
+            Some(filled) => format!(
                 "{label} [{}{}] {:>3}%",
-                "#".repeat(filled),
-                ".".repeat(width as usize - filled),
+                "#".repeat(filled as usize),
+                ".".repeat(30 - filled as usize),
                 done * 100 / total
-            )
+            ),
         };
         let _ = write!(std::io::stderr(), "\r{line}\x1b[K");
         shown = true;
