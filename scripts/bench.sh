@@ -13,7 +13,8 @@ for a in "$@"; do
     *) formats+=("$a") ;;
   esac
 done
-[ ${#formats[@]} -gt 0 ] || formats=(raw qcow2 vhdx qed)
+# raw-pt: the raw images again, served by imgfs with FUSE passthrough (qsd has no such mode).
+[ ${#formats[@]} -gt 0 ] || formats=(raw raw-pt qcow2 vhdx qed)
 size=${BENCH_SIZE:-4G}
 reps=${BENCH_REPS:-3}
 runtime=${BENCH_RUNTIME:-4}
@@ -40,7 +41,7 @@ if [ ! -f "$seed" ] || [ "$(stat -c %s "$seed")" != "$(numfmt --from=iec "$size"
   head -c "$(numfmt --from=iec "$size")" /dev/urandom > "$seed"
 fi
 make_images() {  # $1=format -> $work/full.$1 (fully allocated, random) and a fresh empty.$1 per use
-  local f=$1
+  local f=${1%-pt}
   if [ ! -f "$work/full.$f" ]; then
     log "converting full image to $f"
     case $f in
@@ -50,11 +51,12 @@ make_images() {  # $1=format -> $work/full.$1 (fully allocated, random) and a fr
   fi
 }
 new_empty() {  # $1=format -> path of a fresh empty image
-  local p="$work/empty.$1"
+  local f=${1%-pt}
+  local p="$work/empty.$f"
   rm -f "$p"
-  case $1 in
+  case $f in
     raw) truncate -s "$size" "$p" ;;
-    *) qemu-img create -q -f "$1" "$p" "$size" ;;
+    *) qemu-img create -q -f "$f" "$p" "$size" ;;
   esac
   echo "$p"
 }
@@ -62,10 +64,11 @@ new_empty() {  # $1=format -> path of a fresh empty image
 # --- servers -------------------------------------------------------------------------------------------
 # start_server imgfs|qsd FORMAT IMAGE -> prints the exposed file; sets $server_pid
 start_server() {
-  local kind=$1 fmt=$2 img=$3
+  local kind=$1 fmt=${2%-pt} img=$3 extra=()
+  [ "$2" = raw-pt ] && extra=(--passthrough)
   if [ "$kind" = imgfs ]; then
     mkdir -p "$work/mnt"
-    "$imgfs" mount --format "$fmt" "$img" "$work/mnt"
+    "$imgfs" mount "${extra[@]}" --format "$fmt" "$img" "$work/mnt"
     server_pid=$(getfattr --absolute-names --only-values -n user.imgfs.pid "$work/mnt")
     exposed="$work/mnt/$(basename "${img%.*}").raw"
   else
@@ -119,7 +122,7 @@ for fmt in "${formats[@]}"; do
     IFS='|' read -r name rw bs jobs which <<<"$c"
     for rep in $(seq 1 "$reps"); do
       for kind in imgfs qsd; do
-        if [ "$which" = full ]; then img="$work/full.$fmt"; else img=$(new_empty "$fmt"); fi
+        if [ "$which" = full ]; then img="$work/full.${fmt%-pt}"; else img=$(new_empty "$fmt"); fi
         [ "$which" = full ] && evict "$img"
         start_server "$kind" "$fmt" "$img"
         out=$(run_fio "$name" "$exposed" "$rw" "$bs" "$jobs")

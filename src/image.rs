@@ -462,6 +462,14 @@ impl Image {
     pub fn snapshots(&self) -> Vec<SnapshotInfo> {
         self.map.snapshots()
     }
+    /// The host file the kernel may read and write directly (FUSE passthrough), bypassing the
+    /// engine: only a raw image whose guest bytes are its file bytes, and only when no engine rule
+    /// applies to writes (format given explicitly, or read-only).
+    pub fn passthrough_file(&self) -> Option<&HostFile> {
+        let exact = self.format == "raw" && self.host_len() == self.size;
+        (exact && (!self.probed_raw || self.read_only)).then_some(&self.data)
+    }
+
     /// Host bytes used by the image file (and its external data file).
     pub fn host_allocated(&self) -> u64 {
         let mut n = self.file.allocated().unwrap_or(0);

@@ -355,3 +355,41 @@ fn stats_are_readable_as_xattrs() {
     );
     assert_eq!(j["state"], "read-write");
 }
+
+#[test]
+fn passthrough_serves_raw_images_in_the_kernel_and_keeps_the_guard_otherwise() {
+    let t = tmpdir();
+    let (img, mut expect) = raw_image(t.path(), "pt.img", 4 << 20, 14);
+    let m = Mount::new(
+        &[&img],
+        &t.path().join("mnt"),
+        &["--passthrough", "--format", "raw"],
+    );
+    let f = m.file("pt.raw");
+    assert_same(&std::fs::read(&f).unwrap(), &expect, "passthrough read");
+    let data = random_bytes(15, 100_000);
+    pwrite(&f, 12345, &data).unwrap();
+    expect[12345..12345 + data.len()].copy_from_slice(&data);
+    assert_same(
+        &std::fs::read(&f).unwrap(),
+        &expect,
+        "passthrough read after write",
+    );
+    // The daemon never saw the I/O: the kernel did it on the image file.
+    let read = ok(
+        "getfattr",
+        &[
+            "--only-values",
+            "-n",
+            "user.imgfs.bytes_read",
+            f.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(read, "0");
+    assert!(m.umount().0);
+    assert_eq!(std::fs::read(&img).unwrap(), expect);
+    // A probed raw image is not passed through: the first-sector guard still applies.
+    let m = Mount::new(&[&img], &t.path().join("mnt"), &["--passthrough"]);
+    let e = pwrite(&m.file("pt.raw"), 0, b"QFI\xfb\0\0\0\x03").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EPERM));
+}

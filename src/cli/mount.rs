@@ -38,6 +38,10 @@ pub struct MountArgs {
     /// Allow backing / data files named by an image to lie outside the image's directory.
     #[arg(long)]
     pub allow_backing_outside: bool,
+    /// Let the kernel read and write raw images directly (FUSE passthrough): near-native speed,
+    /// but that I/O bypasses imgfs (no statistics). Needs --format raw or --read-only.
+    #[arg(long)]
+    pub passthrough: bool,
     /// Image files, or directories whose image files are all exposed; then the mountpoint.
     #[arg(required = true, num_args = 2.., value_name = "PATH")]
     pub paths: Vec<PathBuf>,
@@ -90,7 +94,7 @@ fn mount(args: &MountArgs) -> Result<i32> {
         images.push(Arc::new(img));
     }
     let signals = daemon::block_signals();
-    let fs = ImgFs::new(images, args.read_only);
+    let fs = ImgFs::new(images, args.read_only, args.passthrough);
     let dev = daemon::mount_fuse(&daemon::FuseMount {
         mountpoint,
         source: &fs_name(&files),

@@ -8,15 +8,16 @@ use crate::error::Error;
 use crate::image::Image;
 use dir::{Node, NodeKind, Tree, ROOT};
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
-    KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
-    ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
-    TimeOrNow, WriteFlags,
+    BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Attributes never change behind the kernel's back (we are the only writer), so cache them.
@@ -30,6 +31,10 @@ thread_local! {
 
 pub struct ImgFs {
     tree: Tree,
+    /// Serve eligible raw images by FUSE passthrough (kernel does the I/O on the image file).
+    passthrough: bool,
+    /// Passthrough backing ids by inode, with the number of open handles using each.
+    backing_ids: Mutex<HashMap<u64, (BackingId, u32)>>,
     uid: u32,
     gid: u32,
     mounted_at: SystemTime,
@@ -43,12 +48,14 @@ fn errno(e: &Error) -> Errno {
 }
 
 impl ImgFs {
-    pub fn new(images: Vec<Arc<Image>>, read_only: bool) -> ImgFs {
+    pub fn new(images: Vec<Arc<Image>>, read_only: bool, passthrough: bool) -> ImgFs {
         // SAFETY: getuid/getgid cannot fail and touch no memory.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
         let now = SystemTime::now();
         ImgFs {
             tree: Tree::build(images),
+            passthrough,
+            backing_ids: Mutex::new(HashMap::new()),
             uid,
             gid,
             mounted_at: now,
@@ -196,6 +203,17 @@ impl Filesystem for ImgFs {
         // Split large direct I/O into parallel requests (parallel direct writes are asked for
         // per open file with FOPEN_PARALLEL_DIRECT_WRITES).
         let _ = config.add_capabilities(InitFlags::FUSE_ASYNC_DIO);
+        if self.passthrough {
+            if config
+                .add_capabilities(InitFlags::FUSE_PASSTHROUGH)
+                .is_err()
+            {
+                log::warn!("kernel lacks FUSE passthrough; serving raw images normally");
+                self.passthrough = false;
+            } else {
+                let _ = config.set_max_stack_depth(1);
+            }
+        }
         Ok(())
     }
 
@@ -264,12 +282,34 @@ impl Filesystem for ImgFs {
         }
         // We are the only writer of the image, so cached pages stay valid across opens; close()
         // needs no FLUSH round trip (durability comes from fsync).
-        reply.opened(
-            FileHandle(0),
-            FopenFlags::FOPEN_KEEP_CACHE
-                | FopenFlags::FOPEN_NOFLUSH
-                | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES,
-        );
+        let flags = FopenFlags::FOPEN_KEEP_CACHE
+            | FopenFlags::FOPEN_NOFLUSH
+            | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES;
+        let host = image.passthrough_file().and_then(|f| f.raw_fd());
+        match host.filter(|_| self.passthrough) {
+            None => reply.opened(FileHandle(0), flags),
+            Some(fd) => {
+                // The kernel refuses KEEP_CACHE with passthrough (there is no FUSE page cache).
+                let flags = flags - FopenFlags::FOPEN_KEEP_CACHE;
+                let mut ids = self.backing_ids.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some((id, users)) = ids.get_mut(&ino.0) {
+                    *users += 1;
+                    return reply.opened_passthrough(FileHandle(1), flags, id);
+                }
+                // SAFETY: the image keeps this descriptor open for the life of the mount.
+                let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+                match reply.open_backing(borrowed) {
+                    Ok(id) => {
+                        let (id, _) = ids.entry(ino.0).or_insert((id, 1));
+                        reply.opened_passthrough(FileHandle(1), flags, id);
+                    }
+                    Err(e) => {
+                        log::warn!("passthrough for {}: {e}", image.path().display());
+                        reply.opened(FileHandle(0), flags)
+                    }
+                }
+            }
+        }
     }
 
     fn read(
@@ -336,6 +376,28 @@ impl Filesystem for ImgFs {
             }
             Err(e) => reply.error(errno(&e)),
         }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        if fh.0 == 1 {
+            let mut ids = self.backing_ids.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((_, users)) = ids.get_mut(&ino.0) {
+                *users -= 1;
+                if *users == 0 {
+                    ids.remove(&ino.0);
+                }
+            }
+        }
+        reply.ok();
     }
 
     fn flush(
