@@ -393,3 +393,32 @@ fn passthrough_serves_raw_images_in_the_kernel_and_keeps_the_guard_otherwise() {
     let e = pwrite(&m.file("pt.raw"), 0, b"QFI\xfb\0\0\0\x03").unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::EPERM));
 }
+
+#[test]
+fn directory_of_qcow2_chain_exposes_only_the_top() {
+    let t = tmpdir();
+    let d = t.path().join("vms");
+    std::fs::create_dir(&d).unwrap();
+    let base = d.join("base.qcow2");
+    let top = d.join("top.qcow2");
+    let other = d.join("other.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "8M"]);
+    qemu_io("qcow2", &base, &["write -P 0x61 0 1M"]);
+    qemu_img(&["create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top.to_str().unwrap()]);
+    qemu_io("qcow2", &top, &["write -P 0x62 512k 4k"]);
+    qemu_img(&["create", "-q", "-f", "qcow2", other.to_str().unwrap(), "4M"]);
+    let want = qemu_raw(&top);
+    let base_before = std::fs::read(&base).unwrap();
+    let m = Mount::new(&[&d], &t.path().join("mnt"), &[]);
+    let mut names: Vec<String> = std::fs::read_dir(&m.dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["other.raw", "top.raw"]);
+    assert_same(&std::fs::read(m.file("top.raw")).unwrap(), &want, "top through chain");
+    pwrite(&m.file("top.raw"), 100, b"written to the top only").unwrap();
+    assert!(m.umount().0);
+    assert_eq!(std::fs::read(&base).unwrap(), base_before, "backing file untouched");
+    assert_check_clean("qcow2", &top);
+}
