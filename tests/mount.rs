@@ -404,7 +404,17 @@ fn directory_of_qcow2_chain_exposes_only_the_top() {
     let other = d.join("other.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "8M"]);
     qemu_io("qcow2", &base, &["write -P 0x61 0 1M"]);
-    qemu_img(&["create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top.to_str().unwrap()]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        top.to_str().unwrap(),
+    ]);
     qemu_io("qcow2", &top, &["write -P 0x62 512k 4k"]);
     qemu_img(&["create", "-q", "-f", "qcow2", other.to_str().unwrap(), "4M"]);
     let want = qemu_raw(&top);
@@ -416,9 +426,17 @@ fn directory_of_qcow2_chain_exposes_only_the_top() {
         .collect();
     names.sort();
     assert_eq!(names, ["other.raw", "top.raw"]);
-    assert_same(&std::fs::read(m.file("top.raw")).unwrap(), &want, "top through chain");
+    assert_same(
+        &std::fs::read(m.file("top.raw")).unwrap(),
+        &want,
+        "top through chain",
+    );
     pwrite(&m.file("top.raw"), 100, b"written to the top only").unwrap();
     assert!(m.umount().0);
-    assert_eq!(std::fs::read(&base).unwrap(), base_before, "backing file untouched");
+    assert_eq!(
+        std::fs::read(&base).unwrap(),
+        base_before,
+        "backing file untouched"
+    );
     assert_check_clean("qcow2", &top);
 }

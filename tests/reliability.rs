@@ -92,6 +92,10 @@ fn kill_run(fmt: &str, img: &Path, mnt: &Path, kill_after_ms: u64, run: u64) -> 
 }
 
 fn kill_many(fmt: &str, runs: u64) {
+    let runs = std::env::var("IMGFS_KILL_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(runs);
     let t = tmpdir();
     let img = t.path().join(format!("k.{fmt}"));
     match fmt {
