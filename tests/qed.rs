@@ -1,0 +1,436 @@
+//! QED end to end: images made by qemu-img/qemu-io read back byte-identical to
+//! `qemu-img convert -O raw`; writes through the engine pass `qemu-img check` and compare
+//! identical; need-check repair; hostile headers; imgfs-created images; power cuts.
+
+mod common;
+use common::*;
+use imgfs::crashsim::{self, Workload};
+use imgfs::image::{BackingRef, CreateOpts};
+use imgfs::{formats, host::HostFile, Image, OpenOpts};
+use std::path::Path;
+
+const MIB: u64 = 1 << 20;
+
+fn rw() -> OpenOpts {
+    OpenOpts::default()
+}
+fn ro() -> OpenOpts {
+    OpenOpts {
+        read_only: true,
+        ..OpenOpts::default()
+    }
+}
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// An 8 MiB QED image with random data, zero clusters and discards, made by QEMU.
+fn make_filled(dir: &Path, name: &str, cluster: u64, table: u32, seed: u64) -> std::path::PathBuf {
+    let img = dir.join(name);
+    let o = format!("cluster_size={cluster},table_size={table}");
+    qemu_img(&["create", "-f", "qed", "-o", &o, p(&img), "8M"]);
+    let data = write_file(dir, &format!("{name}.data"), &random_bytes(seed, 300_000));
+    let d = p(&data);
+    qemu_io(
+        "qed",
+        &img,
+        &[
+            &format!("write -s {d} 0 300000"),
+            &format!("write -s {d} 1000000 123456"),
+            &format!("write -s {d} {} 200000", 5 * MIB + 777),
+            "write -z 2M 256k",
+            &format!("write -s {d} {} 65536", 8 * MIB - 65536),
+            "write -P 0x5a 3M 4096",
+        ],
+    );
+    assert_check_clean("qed", &img);
+    img
+}
+
+#[test]
+fn reads_match_qemu() {
+    let dir = tmpdir();
+    for (i, (cluster, table)) in [(4096, 2), (65536, 4), (4096, 16), (1 << 20, 1)]
+        .into_iter()
+        .enumerate()
+    {
+        if table == 1 {
+            continue; // QEMU cannot reopen table_size=1 images (its own table-offset check)
+        }
+        let img = make_filled(dir.path(), &format!("r{i}.qed"), cluster, table, i as u64);
+        let want = qemu_raw(&img);
+        let image = Image::open(&img, &ro()).unwrap();
+        assert_eq!(image.format(), "qed");
+        assert_eq!(image.info().cluster_size, cluster);
+        assert_same(&engine_read_all(&image), &want, &format!("r{i}"));
+        // Unaligned reads across cluster boundaries.
+        let mut buf = vec![0u8; 70_001];
+        image.read_at(&mut buf, 999_999).unwrap();
+        assert_same(&buf, &want[999_999..999_999 + 70_001], "unaligned");
+    }
+}
+
+/// Apply writes to the image and to `want`; then close, check, compare, reopen.
+fn write_and_verify(img: &Path, want: &mut [u8], writes: &[(u64, usize, u64)], fmt_check: bool) {
+    {
+        let image = Image::open(img, &rw()).unwrap();
+        for &(off, len, seed) in writes {
+            let b = random_bytes(seed, len);
+            image.write_at(&b, off).unwrap();
+            want[off as usize..off as usize + len].copy_from_slice(&b);
+        }
+        image.flush().unwrap();
+        assert_same(&engine_read_all(&image), want, "before close");
+        image.close().unwrap();
+    }
+    if fmt_check {
+        assert_check_clean("qed", img);
+    }
+    let exp = img.with_extension("want");
+    std::fs::write(&exp, &*want).unwrap();
+    assert_compare("qed", img, &exp);
+    let image = Image::open(img, &ro()).unwrap();
+    assert_same(&engine_read_all(&image), want, "reopen");
+}
+
+const WRITES: &[(u64, usize, u64)] = &[
+    (100, 5000, 1),              // unaligned, allocated + unallocated
+    (4 * MIB + 3, 200_000, 2),   // into a hole, spanning clusters
+    (2 * MIB + 4000, 10_000, 3), // into zero clusters
+    (MIB - 10, 20, 4),           // across an allocated boundary
+    (8 * MIB - 100, 100, 5),     // the last bytes
+    (6 * MIB, 1 << 20, 6),       // whole clusters, a new L2 table for small tables
+];
+
+#[test]
+fn writes_pass_qemu_check() {
+    let dir = tmpdir();
+    for (i, (cluster, table)) in [(4096, 2), (65536, 4), (65536, 1)].into_iter().enumerate() {
+        let img = if table == 1 {
+            // imgfs makes it; QEMU cannot reopen it, so only imgfs checks it.
+            let img = dir.path().join(format!("w{i}.qed"));
+            create(
+                &img,
+                8 * MIB,
+                &[("cluster_size", "65536"), ("table_size", "1")],
+                None,
+            );
+            img
+        } else {
+            make_filled(
+                dir.path(),
+                &format!("w{i}.qed"),
+                cluster,
+                table,
+                10 + i as u64,
+            )
+        };
+        let mut want = if table == 1 {
+            vec![0u8; 8 * MIB as usize]
+        } else {
+            qemu_raw(&img)
+        };
+        if table == 1 {
+            let image = Image::open(&img, &rw()).unwrap();
+            for &(off, len, seed) in WRITES {
+                let b = random_bytes(seed, len);
+                image.write_at(&b, off).unwrap();
+                want[off as usize..off as usize + len].copy_from_slice(&b);
+            }
+            image.close().unwrap();
+            drop(image);
+            let image = Image::open(&img, &ro()).unwrap();
+            assert_same(&engine_read_all(&image), &want, "table_size=1 reopen");
+            let r = formats::by_name("qed")
+                .unwrap()
+                .check(
+                    HostFile::open(&img, false).unwrap(),
+                    imgfs::image::Repair::None,
+                )
+                .unwrap();
+            assert_eq!((r.corruptions, r.leaks), (0, 0), "{:?}", r.messages);
+            continue;
+        }
+        write_and_verify(&img, &mut want, WRITES, true);
+    }
+}
+
+#[test]
+fn backing_file_cow_and_zero_clusters() {
+    let dir = tmpdir();
+    let base = dir.path().join("base.raw");
+    std::fs::write(&base, random_bytes(99, 8 * MIB as usize)).unwrap();
+    let img = dir.path().join("over.qed");
+    qemu_img(&[
+        "create",
+        "-f",
+        "qed",
+        "-o",
+        "cluster_size=65536",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        p(&img),
+    ]);
+    // A zero cluster over the backing file, and some data.
+    qemu_io("qed", &img, &["write -z 1M 128k", "write -P 7 3M 4k"]);
+    let image = Image::open(&img, &ro()).unwrap();
+    let info = image.info();
+    let b = info.backing.clone().unwrap();
+    assert_eq!(
+        (b.name.as_str(), b.format.as_deref()),
+        ("base.raw", Some("raw"))
+    );
+    let mut want = qemu_raw(&img);
+    assert_same(&engine_read_all(&image), &want, "overlay read");
+    drop(image);
+    let base_before = std::fs::read(&base).unwrap();
+    // Partial writes into unallocated (COW from base) and into the zero cluster: per the spec the
+    // rest of a zero cluster is zeros (want already holds zeros there).
+    write_and_verify(
+        &img,
+        &mut want,
+        &[
+            (5000, 100, 1),
+            (MIB + 300, 50, 2),
+            (3 * MIB + 10, 10, 3),
+            (7 * MIB + 65_000, 1000, 4),
+        ],
+        true,
+    );
+    assert!(
+        std::fs::read(&base).unwrap() == base_before,
+        "backing file changed"
+    );
+    // Zeroing over a backing file makes zero clusters; without unmap as well.
+    let image = Image::open(&img, &rw()).unwrap();
+    image.write_zeroes(2 * MIB, 3 * 65536, true).unwrap();
+    image.write_zeroes(0, 65536, false).unwrap();
+    want[2 * MIB as usize..2 * MIB as usize + 3 * 65536].fill(0);
+    want[..65536].fill(0);
+    image.close().unwrap();
+    drop(image);
+    assert_check_clean("qed", &img);
+    let exp = dir.path().join("exp.raw");
+    std::fs::write(&exp, &want).unwrap();
+    assert_compare("qed", &img, &exp);
+}
+
+fn create(img: &Path, size: u64, opts: &[(&str, &str)], backing: Option<BackingRef>) {
+    let f = HostFile::create(img).unwrap();
+    let o = CreateOpts {
+        size,
+        backing,
+        options: opts
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..CreateOpts::default()
+    };
+    formats::by_name("qed").unwrap().create(&f, &o).unwrap();
+}
+
+#[test]
+fn created_images_pass_qemu_check() {
+    let dir = tmpdir();
+    let base = dir.path().join("b.raw");
+    std::fs::write(&base, random_bytes(5, 4 * MIB as usize)).unwrap();
+    for (i, (opts, backing)) in [
+        (vec![], None),
+        (vec![("cluster_size", "4096"), ("table_size", "2")], None),
+        (
+            vec![("cluster_size", "65536")],
+            Some(BackingRef {
+                name: "b.raw".into(),
+                format: Some("raw".into()),
+            }),
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let img = dir.path().join(format!("c{i}.qed"));
+        create(&img, 8 * MIB, &opts, backing.clone());
+        assert_check_clean("qed", &img);
+        let info = qemu_img(&["info", p(&img)]);
+        assert!(
+            info.contains("file format: qed") && info.contains("8 MiB"),
+            "{info}"
+        );
+        if backing.is_some() {
+            assert!(info.contains("backing file format: raw"), "{info}");
+        }
+        let mut want = qemu_raw(&img);
+        write_and_verify(&img, &mut want, WRITES, true);
+    }
+    // Bad options are refused.
+    let f = HostFile::create(&dir.path().join("bad.qed")).unwrap();
+    for (k, v) in [
+        ("cluster_size", "3000"),
+        ("table_size", "3"),
+        ("bogus", "1"),
+    ] {
+        let o = CreateOpts {
+            size: MIB,
+            options: [(k.to_string(), v.to_string())].into(),
+            ..CreateOpts::default()
+        };
+        assert!(
+            formats::by_name("qed").unwrap().create(&f, &o).is_err(),
+            "{k}={v}"
+        );
+    }
+}
+
+fn patch(path: &Path, off: usize, bytes: &[u8]) {
+    let mut f = std::fs::read(path).unwrap();
+    f[off..off + bytes.len()].copy_from_slice(bytes);
+    std::fs::write(path, f).unwrap();
+}
+
+#[test]
+fn need_check_is_repaired() {
+    let dir = tmpdir();
+    let img = make_filled(dir.path(), "n.qed", 65536, 4, 3);
+    let want = qemu_raw(&img);
+    // Set NEED_CHECK, add an L2 entry pointing past the end of the file and a leaked cluster.
+    let mut f = std::fs::read(&img).unwrap();
+    f[16] |= 0x02;
+    let l1 = u64::from_le_bytes(f[40..48].try_into().unwrap()) as usize;
+    let l2 = u64::from_le_bytes(f[l1..l1 + 8].try_into().unwrap()) as usize;
+    let idx = 100; // guest 100 * 64 KiB = 6.25 MiB: unallocated in make_filled
+    f[l2 + idx * 8..l2 + idx * 8 + 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    f.extend_from_slice(&vec![0xee; 65536]);
+    std::fs::write(&img, &f).unwrap();
+    let (code, _) = qemu_check("qed", &img);
+    assert_eq!(code, 2, "qemu-img sees the corruption");
+    // Read-only: repaired in memory, the file is not touched.
+    {
+        let image = Image::open(&img, &ro()).unwrap();
+        assert_eq!(image.info().details["need_check"], true);
+        assert_same(&engine_read_all(&image), &want, "read-only need-check");
+    }
+    assert!(
+        std::fs::read(&img).unwrap() == f,
+        "read-only open wrote the file"
+    );
+    // Read-write: repaired on open.
+    {
+        let image = Image::open(&img, &rw()).unwrap();
+        assert_eq!(image.info().details["need_check"], false);
+        assert_same(&engine_read_all(&image), &want, "after repair");
+        image.close().unwrap();
+    }
+    assert_check_clean("qed", &img);
+    // Format::check on a damaged copy reports, and -r all repairs.
+    std::fs::write(&img, &f).unwrap();
+    let qed = formats::by_name("qed").unwrap();
+    let r = qed
+        .check(
+            HostFile::open(&img, false).unwrap(),
+            imgfs::image::Repair::None,
+        )
+        .unwrap();
+    assert_eq!(
+        (r.corruptions, r.leaks, r.exit_code()),
+        (1, 1, 2),
+        "{:?}",
+        r.messages
+    );
+    let r = qed
+        .check(
+            HostFile::open(&img, true).unwrap(),
+            imgfs::image::Repair::All,
+        )
+        .unwrap();
+    assert_eq!(r.exit_code(), 0, "{:?}", r.messages);
+    assert_check_clean("qed", &img);
+}
+
+#[test]
+fn hostile_headers_are_errors() {
+    let dir = tmpdir();
+    let good = dir.path().join("good.qed");
+    qemu_img(&["create", "-f", "qed", p(&good), "8M"]);
+    let bytes = std::fs::read(&good).unwrap();
+    let cases: &[(usize, &[u8])] = &[
+        (4, &3000u32.to_le_bytes()),       // cluster size
+        (8, &0u32.to_le_bytes()),          // table size
+        (12, &0u32.to_le_bytes()),         // header size
+        (12, &u32::MAX.to_le_bytes()),     // header size past the file
+        (16, &0x80u64.to_le_bytes()),      // unknown feature
+        (40, &(1u64 << 50).to_le_bytes()), // L1 past the end
+        (40, &0u64.to_le_bytes()),         // L1 inside the header
+        (48, &u64::MAX.to_le_bytes()),     // image size
+        (16, &1u64.to_le_bytes()),         // backing flag with a bad name offset...
+    ];
+    for (i, (off, val)) in cases.iter().enumerate() {
+        let img = dir.path().join(format!("h{i}.qed"));
+        let mut b = bytes.clone();
+        b[*off..*off + val.len()].copy_from_slice(val);
+        if i == cases.len() - 1 {
+            b[56..60].copy_from_slice(&65530u32.to_le_bytes());
+            b[60..64].copy_from_slice(&100u32.to_le_bytes());
+        }
+        std::fs::write(&img, &b).unwrap();
+        let opts = OpenOpts {
+            format: Some("qed".into()),
+            ..ro()
+        };
+        let e = Image::open(&img, &opts).expect_err(&format!("case {i}"));
+        assert!(e.to_string().contains("QED"), "case {i}: {e}");
+    }
+    // An L2 entry into the header is an error at read time, not a panic.
+    let img = dir.path().join("l2.qed");
+    std::fs::write(&img, &bytes).unwrap();
+    qemu_io("qed", &img, &["write -P 1 0 4k"]);
+    let f = std::fs::read(&img).unwrap();
+    let l1 = u64::from_le_bytes(f[40..48].try_into().unwrap()) as usize;
+    let l2 = u64::from_le_bytes(f[l1..l1 + 8].try_into().unwrap()) as usize;
+    patch(&img, l2, &4096u64.to_le_bytes());
+    let image = Image::open(&img, &ro()).unwrap();
+    let mut buf = vec![0u8; 4096];
+    assert!(image.read_at(&mut buf, 0).is_err());
+}
+
+fn crash_many(cluster: &str, seeds: std::ops::Range<u64>, check_every: u64) {
+    let dir = tmpdir();
+    let img = dir.path().join(format!("crash-{cluster}.qed"));
+    let o = format!("cluster_size={cluster},table_size=2");
+    qemu_img(&["create", "-f", "qed", "-o", &o, p(&img), "8M"]);
+    let data = write_file(dir.path(), "d", &random_bytes(1, 65536 * 3));
+    qemu_io("qed", &img, &[&format!("write -s {} 1M 196608", p(&data))]);
+    let initial = std::fs::read(&img).unwrap();
+    let work = Workload {
+        ops: 40,
+        max_write: 96 << 10,
+        ..Workload::default()
+    };
+    let crashed = dir.path().join("crashed.qed");
+    let n = crashsim::run_many(&initial, &img, "qed", seeds.clone(), &work, |seed, r| {
+        if seed % check_every == 0 {
+            std::fs::write(&crashed, &r.image).unwrap();
+            let (code, out) = qemu_check("qed", &crashed);
+            assert!(
+                code == 0 || code == 3,
+                "seed {seed}: qemu-img check {code}: {out}"
+            );
+            // QEMU opens it read-write (and repairs it) and reads it.
+            qemu_io("qed", &crashed, &["read 0 8M"]);
+        }
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(n, seeds.end - seeds.start);
+}
+
+#[test]
+fn crash_safety_4k() {
+    crash_many("4096", 0..150, 10);
+}
+
+#[test]
+fn crash_safety_64k() {
+    crash_many("65536", 1000..1150, 10);
+}
