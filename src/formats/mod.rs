@@ -3,11 +3,12 @@
 use crate::error::{Error, Result};
 use crate::image::Format;
 
+pub mod qcow;
 pub mod qed;
 pub mod raw;
 
 /// Every known format, probed in this order; raw (no magic) must stay last.
-static FORMATS: &[&dyn Format] = &[&qed::Qed, &raw::Raw];
+static FORMATS: &[&dyn Format] = &[&qcow::Qcow, &qed::Qed, &raw::Raw];
 
 pub fn all() -> &'static [&'static dyn Format] {
     FORMATS
