@@ -444,3 +444,135 @@ fn crash_safety_4k() {
 fn crash_safety_64k() {
     crash_many("65536", "2M", true, 1000..1120, 10);
 }
+
+/// A tiny table cache (two L2 tables) over a 32 MiB image with eight L2 tables: dirty tables
+/// are written back on eviction, before their L1 entries.
+#[test]
+fn evictions_keep_tables_consistent() {
+    let dir = tmpdir();
+    let img = dir.path().join("e.qed");
+    qemu_img(&[
+        "create",
+        "-f",
+        "qed",
+        "-o",
+        "cluster_size=4096,table_size=2",
+        p(&img),
+        "32M",
+    ]);
+    let mut want = vec![0u8; 32 * MIB as usize];
+    let opts = OpenOpts {
+        cache_size: 0,
+        ..rw()
+    };
+    {
+        let image = Image::open(&img, &opts).unwrap();
+        for i in 0..40u64 {
+            let off = (i * 7 % 32) * MIB + i * 4093;
+            let b = random_bytes(i, 9000);
+            image.write_at(&b, off).unwrap();
+            want[off as usize..off as usize + 9000].copy_from_slice(&b);
+        }
+        assert!(image.format_stats().cache.evictions > 0);
+        assert_same(&engine_read_all(&image), &want, "with evictions");
+        image.close().unwrap();
+    }
+    assert_check_clean("qed", &img);
+    let exp = dir.path().join("e.raw");
+    std::fs::write(&exp, &want).unwrap();
+    assert_compare("qed", &img, &exp);
+}
+
+/// Writers in several threads allocating interleaved clusters at once.
+#[test]
+fn concurrent_writers() {
+    let dir = tmpdir();
+    let img = dir.path().join("t.qed");
+    qemu_img(&[
+        "create",
+        "-f",
+        "qed",
+        "-o",
+        "cluster_size=4096",
+        p(&img),
+        "8M",
+    ]);
+    let image = Image::open(&img, &rw()).unwrap();
+    let want = std::sync::Mutex::new(vec![0u8; 8 * MIB as usize]);
+    std::thread::scope(|s| {
+        for t in 0..4u64 {
+            let (image, want) = (&image, &want);
+            s.spawn(move || {
+                for i in 0..64u64 {
+                    // Thread t owns every 4th 3000-byte slot: neighbours share clusters.
+                    let off = (i * 4 + t) * 3000 + (i % 3) * 2 * MIB;
+                    let b = random_bytes(t * 1000 + i, 3000);
+                    image.write_at(&b, off).unwrap();
+                    want.lock().unwrap()[off as usize..off as usize + 3000].copy_from_slice(&b);
+                    let mut r = vec![0u8; 3000];
+                    image.read_at(&mut r, off).unwrap();
+                    assert!(r == b, "thread {t} write {i} read back differs");
+                }
+            });
+        }
+    });
+    let want = want.into_inner().unwrap();
+    assert_same(&engine_read_all(&image), &want, "after threads");
+    image.close().unwrap();
+    drop(image);
+    assert_check_clean("qed", &img);
+    let exp = dir.path().join("t.raw");
+    std::fs::write(&exp, &want).unwrap();
+    assert_compare("qed", &img, &exp);
+}
+
+/// A QED overlay over a QED image over a raw file (format probed for the middle one).
+#[test]
+fn backing_chain_of_qed() {
+    let dir = tmpdir();
+    let base = dir.path().join("base.raw");
+    std::fs::write(&base, random_bytes(42, 4 * MIB as usize)).unwrap();
+    let mid = dir.path().join("mid.qed");
+    let top = dir.path().join("top.qed");
+    qemu_img(&[
+        "create",
+        "-f",
+        "qed",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        p(&mid),
+        "6M",
+    ]);
+    qemu_io("qed", &mid, &["write -P 1 1M 64k", "write -z 2M 64k"]);
+    qemu_img(&[
+        "create",
+        "-f",
+        "qed",
+        "-b",
+        "mid.qed",
+        "-F",
+        "qed",
+        p(&top),
+        "8M",
+    ]);
+    qemu_io("qed", &top, &["write -P 2 1M 4k"]);
+    let mut want = qemu_raw(&top);
+    let image = Image::open(&top, &ro()).unwrap();
+    assert_eq!(image.info().backing.unwrap().format, None);
+    assert_same(&engine_read_all(&image), &want, "chain");
+    drop(image);
+    // COW from two levels down, from the middle's zero cluster, and past the middle's end.
+    write_and_verify(
+        &top,
+        &mut want,
+        &[
+            (100, 10, 1),
+            (MIB + 70_000, 10, 2),
+            (2 * MIB + 5, 5, 3),
+            (6 * MIB + 1, 7, 4),
+        ],
+        true,
+    );
+}
