@@ -46,6 +46,12 @@ pub fn create(file: &HostFile, opts: &CreateOpts) -> Result<()> {
             "qed: table_size must be a power of two in [1, 16]",
         ));
     }
+    if table_size == 1 {
+        // Valid per the spec, but QEMU's table offset check refuses every such image.
+        return Err(Error::invalid(
+            "qed: table_size=1 makes images QEMU cannot open; use 2 or more",
+        ));
+    }
     let table_bytes = cluster_size as u64 * table_size as u64;
     if table_bytes > header::MAX_TABLE_BYTES {
         return Err(Error::invalid(format!(
@@ -53,12 +59,13 @@ pub fn create(file: &HostFile, opts: &CreateOpts) -> Result<()> {
         )));
     }
     if !opts.size.is_multiple_of(512)
-        || opts.size as u128 > header::max_image_size(cluster_size, table_size)
+        || opts.size > header::qemu_max_image_size(cluster_size, table_size)
     {
         return Err(Error::invalid(format!(
-            "qed: size {} must be a multiple of 512 and at most {}",
+            "qed: size {} must be a multiple of 512 and at most {} (QEMU's limit for this \
+             cluster and table size)",
             opts.size,
-            header::max_image_size(cluster_size, table_size)
+            header::qemu_max_image_size(cluster_size, table_size)
         )));
     }
     let mut h = Header {

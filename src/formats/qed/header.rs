@@ -55,6 +55,15 @@ pub fn is_table_size_valid(t: u32) -> bool {
     t.is_power_of_two() && (MIN_TABLE_SIZE..=MAX_TABLE_SIZE).contains(&t)
 }
 
+/// QEMU's own limit, computed in wrapping 64-bit arithmetic: images larger than this (or any
+/// image when the product wraps to a small value) are refused by QEMU, so `create` keeps to it.
+pub fn qemu_max_image_size(cluster_size: u32, table_size: u32) -> u64 {
+    let entries = (table_size.wrapping_mul(cluster_size) / 8) as u64;
+    entries
+        .wrapping_mul(cluster_size as u64)
+        .wrapping_mul(entries)
+}
+
 /// Largest guest size the two-level tables of this geometry can map (u128: QEMU's u64 product
 /// overflows for large cluster x table combinations).
 pub fn max_image_size(cluster_size: u32, table_size: u32) -> u128 {
@@ -134,7 +143,11 @@ impl Header {
             ))
             .at(8));
         }
-        if self.header_size == 0 || self.header_bytes() > file_len {
+        // QEMU also refuses a header whose byte size overflows 32 bits.
+        if self.header_size == 0
+            || self.header_bytes() > file_len
+            || self.header_bytes() > u32::MAX as u64
+        {
             return Err(Error::corrupt(format!(
                 "QED header size of {} clusters is invalid for a file of {file_len} bytes",
                 self.header_size
@@ -310,6 +323,9 @@ mod tests {
         h.image_size = 1 << 62;
         assert!(parse(&h, 2 * (64 << 20)).is_ok());
         assert!(max_image_size(64 << 20, 16) > u64::MAX as u128);
+        // QEMU's wrapping arithmetic: 64 MiB clusters with 1-cluster tables wrap to 0.
+        assert_eq!(qemu_max_image_size(64 << 20, 1), 0);
+        assert_eq!(qemu_max_image_size(65536, 4), 1u64 << 46);
     }
 
     #[test]
