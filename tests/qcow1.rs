@@ -355,7 +355,7 @@ fn garbage_tables_never_panic() {
     for seed in 0..40u64 {
         let mut b = clean.clone();
         for _ in 0..1 + rng.below(30) {
-            let at = 48 + rng.below(b.len() as u64 - 48 - 8) as usize & !7;
+            let at = (48 + rng.below(b.len() as u64 - 48 - 8) as usize) & !7;
             let v = match rng.below(4) {
                 0 => rng.next_u64(),
                 1 => rng.below(b.len() as u64 * 2),

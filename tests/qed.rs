@@ -644,7 +644,7 @@ fn garbage_tables_never_panic() {
         let mut b = clean.clone();
         // Scribble over random 8-byte entries after the header (L1, L2, data).
         for _ in 0..1 + rng.below(30) {
-            let at = 4096 + rng.below(b.len() as u64 - 4096 - 8) as usize & !7;
+            let at = (4096 + rng.below(b.len() as u64 - 4096 - 8) as usize) & !7;
             let v = match rng.below(4) {
                 0 => rng.next_u64(),
                 1 => rng.below(b.len() as u64 * 2) & !0xfff,
