@@ -760,3 +760,27 @@ fn crash_safety_with_evictions() {
     }
     assert!(evictions > 100, "only {evictions} evictions");
 }
+
+/// A cluster referenced twice cannot be repaired: read-only opens work, read-write refuses.
+#[test]
+fn need_check_with_double_reference_refuses_writes() {
+    let dir = tmpdir();
+    let img = make_filled(dir.path(), "d.qed", 65536, 4, 4);
+    let mut f = std::fs::read(&img).unwrap();
+    f[16] |= 0x02;
+    let l1 = u64::from_le_bytes(f[40..48].try_into().unwrap()) as usize;
+    let l2 = u64::from_le_bytes(f[l1..l1 + 8].try_into().unwrap()) as usize;
+    let first: [u8; 8] = f[l2..l2 + 8].try_into().unwrap();
+    f[l2 + 100 * 8..l2 + 101 * 8].copy_from_slice(&first);
+    std::fs::write(&img, &f).unwrap();
+    let image = Image::open(&img, &ro()).unwrap();
+    let all = engine_read_all(&image);
+    assert_same(
+        &all[100 * 65536..101 * 65536],
+        &all[..65536],
+        "shared cluster",
+    );
+    drop(image);
+    let e = Image::open(&img, &rw()).unwrap_err();
+    assert!(e.to_string().contains("referenced twice"), "{e}");
+}

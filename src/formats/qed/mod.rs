@@ -103,7 +103,20 @@ impl QedMap {
                 lenient = true;
             } else {
                 // Repairs the tables and clears NEED_CHECK when nothing is left corrupt.
-                check::check(&file, &hdr, Repair::All)?;
+                let r = check::check(&file, &hdr, Repair::All)?;
+                if r.corruptions > r.corruptions_fixed {
+                    return Err(Error::corrupt(format!(
+                        "QED image needed a check and {} corruptions remain after repair ({}); \
+                         open it read-only",
+                        r.corruptions - r.corruptions_fixed,
+                        r.messages
+                            .iter()
+                            .take(3)
+                            .cloned()
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    )));
+                }
                 hdr = read_header(&file)?;
             }
         }
