@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::host::HostFile;
 use crate::image::{CheckReport, Repair};
 
-/// Bitmap of referenced clusters, bounded by the file size.
+/// Bitmap of referenced clusters, bounded by the file size (at most 128 MiB of bits).
 struct Used {
     bits: Vec<u64>,
     n: u64,
@@ -17,7 +17,7 @@ struct Used {
 
 impl Used {
     fn new(n: u64) -> Result<Used> {
-        if n > 1 << 34 {
+        if n > 1 << 30 {
             return Err(Error::unsupported(format!(
                 "QED file of {n} clusters is too large to check"
             )));
