@@ -465,3 +465,50 @@ fn crash_safety_with_evictions() {
     }
     assert!(evictions > 100, "only {evictions} evictions");
 }
+
+/// imgfs's own qcow check (qemu-img has none): clean on QEMU's images, finds and clears bad
+/// entries.
+#[test]
+fn check_finds_and_repairs_bad_entries() {
+    use imgfs::image::Repair;
+    let dir = tmpdir();
+    let src = dir.path().join("src.raw");
+    std::fs::write(&src, mixed_content(9, 2 * MIB as usize)).unwrap();
+    let img = dir.path().join("k.qcow");
+    run(
+        "qemu-img",
+        &["convert", "-c", "-O", "qcow", p(&src), p(&img)],
+    );
+    assert_compare("qcow", &img, &src);
+    let qcow = formats::by_name("qcow").unwrap();
+    let r = qcow
+        .check(HostFile::open(&img, false).unwrap(), Repair::None)
+        .unwrap();
+    assert_eq!((r.corruptions, r.exit_code()), (0, 0), "{:?}", r.messages);
+    assert!(r.allocated_clusters > 300, "{}", r.allocated_clusters);
+    let mut f = std::fs::read(&img).unwrap();
+    let l2 = u64::from_be_bytes(f[48..56].try_into().unwrap()) as usize;
+    f[l2..l2 + 8].copy_from_slice(&(1u64 << 40).to_be_bytes()); // past the end
+    let second: [u8; 8] = f[l2 + 4 * 8..l2 + 5 * 8].try_into().unwrap(); // an incompressible one
+    f[l2 + 8 * 8..l2 + 9 * 8].copy_from_slice(&second);
+    std::fs::write(&img, &f).unwrap();
+    let r = qcow
+        .check(HostFile::open(&img, false).unwrap(), Repair::None)
+        .unwrap();
+    assert_eq!((r.corruptions, r.exit_code()), (2, 2), "{:?}", r.messages);
+    let r = qcow
+        .check(HostFile::open(&img, true).unwrap(), Repair::All)
+        .unwrap();
+    assert_eq!(
+        (r.corruptions, r.corruptions_fixed),
+        (2, 1),
+        "{:?}",
+        r.messages
+    );
+    let image = Image::open(&img, &ro()).unwrap();
+    let all = engine_read_all(&image);
+    assert!(
+        all[..4096].iter().all(|&b| b == 0),
+        "cleared entry reads zeros"
+    );
+}

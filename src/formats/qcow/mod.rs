@@ -14,6 +14,7 @@
 //! after a crash: clusters written at the end of the file but not yet referenced (leaked space,
 //! harmless: qcow has no refcounts and imgfs, like QEMU, never reuses space).
 
+mod check;
 mod create;
 pub mod header;
 
@@ -21,7 +22,8 @@ use crate::cache::{TableCache, TableIo};
 use crate::error::{Error, Result};
 use crate::host::HostFile;
 use crate::image::{
-    BackingRef, Below, BlockMap, CreateOpts, Extent, Format, FormatStats, ImageInfo, OpenCtx,
+    BackingRef, Below, BlockMap, CheckReport, CreateOpts, Extent, Format, FormatStats, ImageInfo,
+    OpenCtx, Repair,
 };
 use header::{Header, COMPRESSED, HEADER_LEN};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -42,6 +44,16 @@ impl Format for Qcow {
     fn create(&self, file: &HostFile, opts: &CreateOpts) -> Result<()> {
         create::create(file, opts)
     }
+    fn check(&self, file: HostFile, repair: Repair) -> Result<CheckReport> {
+        let hdr = read_header(&file)?;
+        check::check(&file, &hdr, repair)
+    }
+}
+
+fn read_header(file: &HostFile) -> Result<Header> {
+    let mut buf = [0u8; HEADER_LEN];
+    let n = file.read_at(&mut buf, 0)?;
+    Header::parse(&buf[..n], file.len()?)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,9 +115,7 @@ pub struct QcowMap {
 impl QcowMap {
     fn open(file: HostFile, ctx: &OpenCtx) -> Result<QcowMap> {
         let file_len = file.len()?;
-        let mut buf = [0u8; HEADER_LEN];
-        let n = file.read_at(&mut buf, 0)?;
-        let hdr = Header::parse(&buf[..n], file_len)?;
+        let hdr = read_header(&file)?;
         let backing = hdr
             .read_backing_name(&file)?
             .map(|name| BackingRef { name, format: None });
