@@ -299,7 +299,7 @@ fn crash_safety() {
         ..Workload::default()
     };
     let crashed = dir.path().join("crashed.qcow");
-    let n = crashsim::run_many(&initial, &img, "qcow", 0..80, &work, |seed, r| {
+    let n = crashsim::run_many(&initial, &img, "qcow", 0..60, &work, |seed, r| {
         if seed % 20 == 0 {
             std::fs::write(&crashed, &r.image).unwrap();
             qemu_io("qcow", &crashed, &["read 0 2M"]);
@@ -307,7 +307,7 @@ fn crash_safety() {
         Ok(())
     })
     .unwrap();
-    assert_eq!(n, 80);
+    assert_eq!(n, 60);
 }
 
 /// Power cuts over an overlay (512-byte clusters, as qemu-img makes them with a backing file):
@@ -335,8 +335,8 @@ fn crash_safety_over_backing() {
         max_write: 20 << 10,
         ..Workload::default()
     };
-    let n = crashsim::run_many(&initial, &img, "qcow", 0..80, &work, |_, _| Ok(())).unwrap();
-    assert_eq!(n, 80);
+    let n = crashsim::run_many(&initial, &img, "qcow", 0..60, &work, |_, _| Ok(())).unwrap();
+    assert_eq!(n, 60);
 }
 
 /// Garbage tables behind a valid header: every read either succeeds or fails cleanly.

@@ -438,13 +438,13 @@ fn crash_many(cluster: &str, size: &str, prefill: bool, seeds: std::ops::Range<u
 /// 4 KiB clusters, empty 2 MiB image: the first L2 table and the L1 update happen under cuts.
 #[test]
 fn crash_safety_4k() {
-    crash_many("4096", "2M", false, 0..80, 10);
+    crash_many("4096", "2M", false, 0..60, 10);
 }
 
 /// 64 KiB clusters over data QEMU wrote.
 #[test]
 fn crash_safety_64k() {
-    crash_many("65536", "2M", true, 1000..1080, 10);
+    crash_many("65536", "2M", true, 1000..1060, 10);
 }
 
 /// A tiny table cache (two L2 tables) over a 32 MiB image with eight L2 tables: dirty tables
@@ -608,7 +608,7 @@ fn crash_safety_over_backing() {
         ..Workload::default()
     };
     let crashed = dir.path().join("crashed.qed");
-    let n = crashsim::run_many(&initial, &img, "qed", 0..100, &work, |seed, r| {
+    let n = crashsim::run_many(&initial, &img, "qed", 0..80, &work, |seed, r| {
         if seed % 25 == 0 {
             std::fs::write(&crashed, &r.image).unwrap();
             let (code, out) = qemu_check("qed", &crashed);
@@ -620,7 +620,7 @@ fn crash_safety_over_backing() {
         Ok(())
     })
     .unwrap();
-    assert_eq!(n, 100);
+    assert_eq!(n, 80);
 }
 
 /// Garbage tables behind a valid header: every read either succeeds or fails cleanly.
