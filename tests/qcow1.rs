@@ -512,3 +512,24 @@ fn check_finds_and_repairs_bad_entries() {
         "cleared entry reads zeros"
     );
 }
+
+/// Virtual size not a multiple of the cluster size: writes at the very end.
+#[test]
+fn odd_size() {
+    let dir = tmpdir();
+    let img = dir.path().join("odd.qcow");
+    qemu_img(&["create", "-f", "qcow", p(&img), "5243392"]); // 5 MiB + 512
+    let mut want = qemu_raw(&img);
+    assert_eq!(want.len(), 5 * MIB as usize + 512);
+    let image = Image::open(&img, &OpenOpts::default()).unwrap();
+    for (off, len, seed) in [(5 * MIB + 100, 412usize, 1u64), (5 * MIB - 10, 20, 2)] {
+        let b = random_bytes(seed, len);
+        image.write_at(&b, off).unwrap();
+        want[off as usize..off as usize + len].copy_from_slice(&b);
+    }
+    image.close().unwrap();
+    drop(image);
+    let exp = dir.path().join("odd.raw");
+    std::fs::write(&exp, &want).unwrap();
+    assert_compare("qcow", &img, &exp);
+}

@@ -784,3 +784,38 @@ fn need_check_with_double_reference_refuses_writes() {
     let e = Image::open(&img, &rw()).unwrap_err();
     assert!(e.to_string().contains("referenced twice"), "{e}");
 }
+
+/// Virtual size not a multiple of the cluster size, over a shorter backing file: fills stop at
+/// the end of the backing file (zeros after it) and at the end of the image.
+#[test]
+fn odd_sizes_and_short_backing() {
+    let dir = tmpdir();
+    let base = dir.path().join("short.raw");
+    std::fs::write(&base, random_bytes(8, 3 * MIB as usize + 1000)).unwrap();
+    let img = dir.path().join("odd.qed");
+    qemu_img(&[
+        "create",
+        "-f",
+        "qed",
+        "-o",
+        "cluster_size=65536",
+        "-b",
+        "short.raw",
+        "-F",
+        "raw",
+        p(&img),
+        "5243392", // 5 MiB + 512
+    ]);
+    let mut want = qemu_raw(&img);
+    assert_eq!(want.len(), 5 * MIB as usize + 512);
+    write_and_verify(
+        &img,
+        &mut want,
+        &[
+            (5 * MIB + 100, 400, 1),
+            (3 * MIB + 500, 10, 2),
+            (3 * MIB - 10, 20, 3),
+        ],
+        true,
+    );
+}
