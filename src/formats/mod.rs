@@ -3,11 +3,18 @@
 use crate::error::{Error, Result};
 use crate::image::Format;
 
+pub mod qcow;
 pub mod qcow2;
+pub mod qed;
 pub mod raw;
 
-/// Every known format, probed in this order; raw (no magic) must stay last.
-static FORMATS: &[&dyn Format] = &[&qcow2::Qcow2, &raw::Raw];
+/// Every known format, probed in this order, one per line.
+static FORMATS: &[&dyn Format] = &[
+    &qcow2::Qcow2,
+    &qcow::Qcow,
+    &qed::Qed,
+    &raw::Raw, // no magic: must stay last
+];
 
 pub fn all() -> &'static [&'static dyn Format] {
     FORMATS
