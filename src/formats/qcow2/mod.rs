@@ -117,6 +117,7 @@ impl Qcow2Map {
             incompat: hdr.incompatible,
             autoclear: hdr.autoclear,
             prepared: false,
+            bitmaps: hdr.bitmaps.is_some(),
         };
         let data = data_file.clone().unwrap_or_else(|| file.clone());
         let map = Qcow2Map {
@@ -172,7 +173,7 @@ impl Qcow2Map {
                 json!(h.autoclear & header::AUTOCLEAR_DATA_FILE_RAW != 0),
             );
         }
-        if let Some(b) = &h.bitmaps {
+        if let (Some(b), true) = (&h.bitmaps, m.bitmaps) {
             d.insert("bitmaps".into(), json!(b.nb_bitmaps));
         }
         if let Some(v) = &self.snapshot_view {
@@ -236,6 +237,8 @@ impl BlockMap for Qcow2Map {
         if m.incompat & header::INCOMPAT_DIRTY != 0 {
             write::set_incompat(self, &mut m, false)?;
         }
+        // A later write marks the image dirty again (lazy refcounts).
+        m.prepared = false;
         Ok(())
     }
 
@@ -277,6 +280,7 @@ impl BlockMap for Qcow2Map {
             incompat: self.hdr.incompatible,
             autoclear: self.hdr.autoclear,
             prepared: true,
+            bitmaps: false,
         };
         Ok(Box::new(Qcow2Map {
             m: Mapper::new(file, self.m.data.clone(), self.m.geo.clone(), meta),

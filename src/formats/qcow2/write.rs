@@ -10,7 +10,9 @@
 //! ```
 
 use super::compressed::CompressedRef;
-use super::header::{AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_DIRTY, OFF_AUTOCLEAR, OFF_INCOMPAT};
+use super::header::{
+    AUTOCLEAR_DATA_FILE_RAW, EXT_BITMAPS, INCOMPAT_DIRTY, OFF_AUTOCLEAR, OFF_INCOMPAT,
+};
 use super::map::Meta;
 use super::map::{
     sc_state, ALL_ZERO_BITS, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO,
@@ -65,6 +67,28 @@ fn prepare(map: &Qcow2Map, m: &mut Meta) -> Result<()> {
             file.sync()?;
             m.autoclear = keep;
         }
+    }
+    if m.bitmaps {
+        // The bitmaps are stale from now on (autoclear bit cleared): drop the extension and
+        // free their clusters, rather than leave them behind as leaks.
+        if let Some(b) = &map.hdr.bitmaps {
+            let mut errors = Vec::new();
+            let ranges =
+                super::check::bitmap_ranges(file, b, map.m.geo.cs, file.len()?, &mut errors);
+            super::header::drop_extension(file, &map.hdr, EXT_BITMAPS)?;
+            log::warn!(
+                "{}: dropped {} stale persistent bitmap(s) on the first write",
+                file.path().display(),
+                b.nb_bitmaps
+            );
+            if errors.is_empty() {
+                let rc = refcounts(m)?;
+                for (off, len) in ranges {
+                    rc.defer_free(off, len);
+                }
+            }
+        }
+        m.bitmaps = false;
     }
     if map.m.geo.version >= 3 && map.hdr.lazy_refcounts() && m.incompat & INCOMPAT_DIRTY == 0 {
         set_incompat(map, m, true)?;
