@@ -779,3 +779,52 @@ fn huge_sparse_image() {
     );
     assert!(std::fs::metadata(&p).unwrap().len() < 4 << 20);
 }
+
+#[test]
+fn check_finds_and_repairs_refcount_corruption() {
+    let d = tmpdir();
+    let p = create(d.path(), "bad.qcow2", "cluster_size=4096", "1M");
+    qemu_io("qcow2", &p, &["write -P 0x42 0 8192"]);
+    let want = qemu_raw(&p);
+    let mut b = std::fs::read(&p).unwrap();
+    let be64 = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().unwrap());
+    let l1 = be64(&b, 40) as usize;
+    let l2 = (be64(&b, l1) & 0x00ff_ffff_ffff_fe00) as usize;
+    let data = (be64(&b, l2) & 0x00ff_ffff_ffff_fe00) as usize;
+    let rt = be64(&b, 48) as usize;
+    let block = be64(&b, rt) as usize;
+    // Refcount of the first data cluster -> 0 (a corruption), and a leaked cluster.
+    let e = block + 2 * (data / 4096);
+    b[e..e + 2].copy_from_slice(&[0, 0]);
+    let leak = block + 2 * 200;
+    b[leak..leak + 2].copy_from_slice(&[0, 1]);
+    std::fs::write(&p, &b).unwrap();
+    let (code, _) = qemu_check("qcow2", &p);
+    assert_eq!(code, 2);
+    let q = imgfs::formats::qcow2::Qcow2;
+    let r = q
+        .check(
+            imgfs::host::HostFile::open(&p, false).unwrap(),
+            Repair::None,
+        )
+        .unwrap();
+    assert_eq!(
+        (r.exit_code(), r.corruptions, r.leaks),
+        (2, 1, 1),
+        "{:?}",
+        r.messages
+    );
+    let r = q
+        .check(
+            imgfs::host::HostFile::open(&p, true).unwrap(),
+            Repair::Leaks,
+        )
+        .unwrap();
+    assert_eq!(r.exit_code(), 2, "{:?}", r.messages);
+    let r = q
+        .check(imgfs::host::HostFile::open(&p, true).unwrap(), Repair::All)
+        .unwrap();
+    assert_eq!(r.exit_code(), 0, "{:?}", r.messages);
+    check_clean(&p);
+    assert_same(&qemu_raw(&p), &want, "after repair");
+}
