@@ -67,7 +67,7 @@ fn work() -> Workload {
 
 #[test]
 fn crash_64k_clusters() {
-    crash_series("cluster_size=65536", "2M", false, 0..70, &work());
+    crash_series("cluster_size=65536", "2M", false, 0..60, &work());
 }
 
 #[test]
