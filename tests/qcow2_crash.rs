@@ -77,7 +77,7 @@ fn crash_4k_clusters_small_refcounts() {
         "cluster_size=4096,refcount_bits=2",
         "2M",
         false,
-        0..70,
+        0..60,
         &work(),
     );
 }
@@ -88,7 +88,7 @@ fn crash_lazy_refcounts() {
         "cluster_size=4096,lazy_refcounts=on",
         "2M",
         false,
-        0..50,
+        0..40,
         &work(),
     );
 }
