@@ -62,6 +62,7 @@ fn populate(dir: &Path, img: &Path, cs: u64, seed: u64) {
     let zc = [
         format!("write -c -s {d} {} {}", 12 * cs, cs),
         format!("write -c -s {d} {} {}", 13 * cs, cs),
+        format!("write -c -s {d} {} {}", 16 * cs, cs),
     ];
     let zc: Vec<&str> = zc.iter().map(String::as_str).collect();
     qemu_io("qcow2", img, &zc);
@@ -86,6 +87,7 @@ fn scribble(img: &Image, want: &mut [u8], cs: u64, seed: u64) {
         (2 * cs + cs / 2, cs), // discarded -> next
         (12 * cs + 9, 33),     // compressed
         (13 * cs - 1, cs + 2), // data | compressed | next
+        (17 * cs - 5, 2 * cs), // compressed | unallocated | unallocated: one run
         (30 * cs + 1, 3 * cs), // unallocated, several clusters
         (size - 9, 9),         // the end of the disk
         (40 * cs, 2 * cs),     // aligned, unallocated

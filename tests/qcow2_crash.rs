@@ -72,7 +72,7 @@ fn crash_64k_clusters() {
 
 #[test]
 fn crash_4k_clusters_small_refcounts() {
-    // 4K clusters with 2-bit refcounts: refcount blocks and the table grow during the run.
+    // 4K clusters with 2-bit (sub-byte, packed) refcounts.
     crash_series(
         "cluster_size=4096,refcount_bits=2",
         "2M",
