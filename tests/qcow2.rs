@@ -830,3 +830,61 @@ fn check_finds_and_repairs_refcount_corruption() {
     check_clean(&p);
     assert_same(&qemu_raw(&p), &want, "after repair");
 }
+
+/// Rough throughput numbers (run with `cargo test --release --test qcow2 -- --ignored bench`).
+#[test]
+#[ignore]
+fn bench_sequential_and_random() {
+    let d = tmpdir();
+    for cs in ["65536", "4096"] {
+        let p = create(
+            d.path(),
+            &format!("bench{cs}.qcow2"),
+            &format!("cluster_size={cs}"),
+            "1G",
+        );
+        let img = open(&p, false);
+        let buf = random_bytes(1, 1 << 20);
+        let t = std::time::Instant::now();
+        for i in 0..256u64 {
+            img.write_at(&buf, i << 20).unwrap();
+        }
+        img.flush().unwrap();
+        let w = t.elapsed();
+        let mut rbuf = vec![0u8; 1 << 20];
+        let t = std::time::Instant::now();
+        for i in 0..256u64 {
+            img.read_at(&mut rbuf, i << 20).unwrap();
+        }
+        let r = t.elapsed();
+        let mut rng = imgfs::host::SplitMix64::new(3);
+        let mut small = vec![0u8; 4096];
+        let t = std::time::Instant::now();
+        for _ in 0..20000 {
+            let off = rng.below(256 << 8) << 12;
+            img.read_at(&mut small, off).unwrap();
+        }
+        let rr = t.elapsed();
+        let t = std::time::Instant::now();
+        for k in 0..5000u64 {
+            let off = (256 << 20) + rng.below(512 << 8) * 4096;
+            img.write_at(&small, off).unwrap();
+            if k % 1000 == 999 {
+                img.flush().unwrap();
+            }
+        }
+        img.flush().unwrap();
+        let rw = t.elapsed();
+        eprintln!(
+            "cluster {cs}: seq write 256 MiB {:.0} MiB/s, seq read {:.0} MiB/s, \
+             4K random read {:.0} IOPS, 4K random allocating write {:.0} IOPS",
+            256.0 / w.as_secs_f64(),
+            256.0 / r.as_secs_f64(),
+            20000.0 / rr.as_secs_f64(),
+            5000.0 / rw.as_secs_f64()
+        );
+        img.close().unwrap();
+        drop(img);
+        check_clean(&p);
+    }
+}
