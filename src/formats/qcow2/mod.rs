@@ -8,6 +8,16 @@
 //! ```
 //! Writes live in write.rs, the refcount walker (check / rebuild) in check.rs, images are made
 //! by create.rs.
+//!
+//! Crash safety in one line: a cluster's refcount is durable before any table points at it,
+//! data is durable before the L2 entry that points at it, L1 and the refcount table (and the
+//! header fields naming it) are written last, and refcount decrements wait until the tables that
+//! dropped the reference are durable. A cut leaves at most leaked clusters.
+//!
+//! Not supported: encryption (refused), creating/deleting/reverting internal snapshots (they are
+//! read-only views), maintaining persistent bitmaps (dropped, with their clusters, on the first
+//! write, after clearing the autoclear bit as the spec requires of writers that do not
+//! maintain them).
 
 mod check;
 mod compressed;
