@@ -888,3 +888,61 @@ fn bench_sequential_and_random() {
         check_clean(&p);
     }
 }
+
+#[test]
+fn extended_l2_subclusters_over_backing() {
+    // 32 KiB clusters = 32 subclusters of 1 KiB: QEMU allocates and zeroes per subcluster, and
+    // unallocated subclusters show the backing file.
+    let d = tmpdir();
+    std::fs::write(d.path().join("base.raw"), random_bytes(21, 2 << 20)).unwrap();
+    let p = d.path().join("sub.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=32768,extended_l2=on",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        p.to_str().unwrap(),
+        "2M",
+    ]);
+    let data = write_file(d.path(), "r", &random_bytes(22, 10000));
+    let dd = data.to_str().unwrap();
+    qemu_io(
+        "qcow2",
+        &p,
+        &[
+            &format!("write -s {dd} 1024 3000"),
+            &format!("write -s {dd} 40960 1024"),
+            "write -z 45056 2048",
+            "write -z 65536 1024",
+            &format!("write -s {dd} 100000 10000"),
+            "discard 131072 32768",
+        ],
+    );
+    assert_check_clean("qcow2", &p);
+    let mut want = assert_reads_like_qemu(&p);
+    let img = open(&p, false);
+    for (k, (off, len)) in [
+        (500u64, 100u64),
+        (4000, 200),
+        (45000, 3000),
+        (65536 + 512, 100),
+        (131072 + 5, 10),
+        (200_000, 40_000),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let buf = random_bytes(300 + k as u64, len as usize);
+        img.write_at(&buf, off).unwrap();
+        want[off as usize..(off + len) as usize].copy_from_slice(&buf);
+    }
+    img.write_zeroes(32768 * 10, 32768, false).unwrap();
+    want[32768 * 10..32768 * 11].fill(0);
+    finish(img, &p, &want, d.path());
+}
