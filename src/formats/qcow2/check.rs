@@ -3,7 +3,7 @@
 //! Used by `Format::check` and to rebuild refcounts of an image left dirty (lazy refcounts).
 
 use super::compressed::CompressedRef;
-use super::header::{Header, INCOMPAT_DIRTY, OFF_INCOMPAT};
+use super::header::{BitmapsExt, Header, INCOMPAT_DIRTY, OFF_INCOMPAT};
 use super::map::{self, Meta, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
 use super::refcount::Refcounts;
 use super::{read_header, snapshot, Qcow2Map};
@@ -147,41 +147,57 @@ impl Walker<'_> {
         let Some(b) = self.h.bitmaps.clone() else {
             return;
         };
-        self.inc(b.directory_offset, b.directory_size);
-        let mut dir = vec![0u8; b.directory_size as usize];
-        if let Err(err) = self.file.read_exact_at(&mut dir, b.directory_offset) {
-            self.error(format!("cannot read bitmap directory: {err}"));
-            return;
+        let mut errors = Vec::new();
+        for (off, len) in bitmap_ranges(self.file, &b, self.cs(), self.file_len, &mut errors) {
+            self.inc(off, len);
         }
-        let mut pos = 0usize;
-        while pos + 24 <= dir.len() {
-            let table_off = be64(&dir, pos);
-            let table_size = u64::from(be32(&dir, pos + 8));
-            let name_size = usize::from(u16::from_be_bytes([dir[pos + 18], dir[pos + 19]]));
-            let extra = be32(&dir, pos + 20) as usize;
-            pos += (24 + name_size + extra).div_ceil(8) * 8;
-            if table_off == 0 || table_size == 0 {
-                continue;
-            }
-            if table_size * 8 > (64 << 20)
-                || table_off.saturating_add(table_size * 8) > self.file_len
-            {
-                self.error(format!("bitmap table at {table_off:#x} is invalid"));
-                continue;
-            }
-            self.inc(table_off, table_size * 8);
-            let mut t = vec![0u8; (table_size * 8) as usize];
-            if self.file.read_exact_at(&mut t, table_off).is_err() {
-                continue;
-            }
-            for c in t.chunks_exact(8) {
-                let off = be64(c, 0) & L2E_OFFSET_MASK;
-                if off != 0 {
-                    self.inc(off, self.cs());
-                }
+        for e in errors {
+            self.error(e);
+        }
+    }
+}
+
+/// Host ranges used by the bitmaps extension: directory, bitmap tables, bitmap data clusters.
+pub fn bitmap_ranges(
+    file: &HostFile,
+    b: &BitmapsExt,
+    cs: u64,
+    file_len: u64,
+    errors: &mut Vec<String>,
+) -> Vec<(u64, u64)> {
+    let mut out = vec![(b.directory_offset, b.directory_size)];
+    let mut dir = vec![0u8; b.directory_size as usize];
+    if let Err(err) = file.read_exact_at(&mut dir, b.directory_offset) {
+        errors.push(format!("cannot read bitmap directory: {err}"));
+        return out;
+    }
+    let mut pos = 0usize;
+    while pos + 24 <= dir.len() {
+        let table_off = be64(&dir, pos);
+        let table_size = u64::from(be32(&dir, pos + 8));
+        let name_size = usize::from(u16::from_be_bytes([dir[pos + 18], dir[pos + 19]]));
+        let extra = be32(&dir, pos + 20) as usize;
+        pos += (24 + name_size + extra).div_ceil(8) * 8;
+        if table_off == 0 || table_size == 0 {
+            continue;
+        }
+        if table_size * 8 > (64 << 20) || table_off.saturating_add(table_size * 8) > file_len {
+            errors.push(format!("bitmap table at {table_off:#x} is invalid"));
+            continue;
+        }
+        out.push((table_off, table_size * 8));
+        let mut t = vec![0u8; (table_size * 8) as usize];
+        if file.read_exact_at(&mut t, table_off).is_err() {
+            continue;
+        }
+        for c in t.chunks_exact(8) {
+            let off = be64(c, 0) & L2E_OFFSET_MASK;
+            if off != 0 {
+                out.push((off, cs));
             }
         }
     }
+    out
 }
 
 /// Count every reference in the image as stored on disk.

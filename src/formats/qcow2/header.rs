@@ -463,6 +463,46 @@ impl Header {
     }
 }
 
+/// Remove every extension of type `ty` from the header cluster, durably: the extension area
+/// is rewritten in one write (as QEMU rewrites its header) and only ever shrinks.
+pub fn drop_extension(file: &crate::host::HostFile, h: &Header, ty: u32) -> Result<()> {
+    let cs = h.cluster_size();
+    let mut buf = vec![0u8; file.len()?.min(cs) as usize];
+    file.read_exact_at(&mut buf, 0)?;
+    let start = if h.version == 2 {
+        V2_HEADER_LEN
+    } else {
+        h.header_length as usize
+    };
+    let mut pos = start;
+    let mut kept = Vec::new();
+    while pos + 8 <= buf.len() {
+        let t = be32(&buf, pos);
+        let len = be32(&buf, pos + 4) as usize;
+        if t == EXT_END {
+            pos += 8;
+            break;
+        }
+        let next = pos + 8 + len.div_ceil(8) * 8;
+        if next > buf.len() {
+            return Err(
+                Error::corrupt("header extension runs past the header cluster").at(pos as u64),
+            );
+        }
+        if t != ty {
+            kept.extend_from_slice(&buf[pos..next]);
+        }
+        pos = next;
+    }
+    kept.extend_from_slice(&[0u8; 8]);
+    if kept.len() > pos - start {
+        return Err(Error::corrupt("header extension area without an end marker").at(start as u64));
+    }
+    kept.resize(pos - start, 0);
+    file.write_all_at(&kept, start as u64)?;
+    file.sync()
+}
+
 /// A table at `off` of `bytes` bytes: cluster aligned, not in the header cluster, inside the file.
 fn check_table(what: &str, off: u64, bytes: u64, cs: u64, file_len: u64, field: u64) -> Result<()> {
     if !off.is_multiple_of(cs) {

@@ -92,6 +92,8 @@ pub struct Meta {
     pub incompat: u64,
     pub autoclear: u64,
     pub prepared: bool,
+    /// The bitmaps extension is still in the header (dropped on the first write).
+    pub bitmaps: bool,
 }
 
 /// Loads and stores L2 tables. Before a table is written: data durable, refcounts durable.

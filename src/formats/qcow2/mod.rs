@@ -8,6 +8,16 @@
 //! ```
 //! Writes live in write.rs, the refcount walker (check / rebuild) in check.rs, images are made
 //! by create.rs.
+//!
+//! Crash safety in one line: a cluster's refcount is durable before any table points at it,
+//! data is durable before the L2 entry that points at it, L1 and the refcount table (and the
+//! header fields naming it) are written last, and refcount decrements wait until the tables that
+//! dropped the reference are durable. A cut leaves at most leaked clusters.
+//!
+//! Not supported: encryption (refused), creating/deleting/reverting internal snapshots (they are
+//! read-only views), maintaining persistent bitmaps (dropped, with their clusters, on the first
+//! write, after clearing the autoclear bit as the spec requires of writers that do not
+//! maintain them).
 
 mod check;
 mod compressed;
@@ -117,6 +127,7 @@ impl Qcow2Map {
             incompat: hdr.incompatible,
             autoclear: hdr.autoclear,
             prepared: false,
+            bitmaps: hdr.bitmaps.is_some(),
         };
         let data = data_file.clone().unwrap_or_else(|| file.clone());
         let map = Qcow2Map {
@@ -172,7 +183,7 @@ impl Qcow2Map {
                 json!(h.autoclear & header::AUTOCLEAR_DATA_FILE_RAW != 0),
             );
         }
-        if let Some(b) = &h.bitmaps {
+        if let (Some(b), true) = (&h.bitmaps, m.bitmaps) {
             d.insert("bitmaps".into(), json!(b.nb_bitmaps));
         }
         if let Some(v) = &self.snapshot_view {
@@ -236,6 +247,8 @@ impl BlockMap for Qcow2Map {
         if m.incompat & header::INCOMPAT_DIRTY != 0 {
             write::set_incompat(self, &mut m, false)?;
         }
+        // A later write marks the image dirty again (lazy refcounts).
+        m.prepared = false;
         Ok(())
     }
 
@@ -289,6 +302,7 @@ impl BlockMap for Qcow2Map {
             incompat: self.hdr.incompatible,
             autoclear: self.hdr.autoclear,
             prepared: true,
+            bitmaps: false,
         };
         Ok(Box::new(Qcow2Map {
             m: Mapper::new(file, self.m.data.clone(), self.m.geo.clone(), meta),

@@ -99,6 +99,12 @@ impl Refcounts {
             let v = be64(e, 0);
             let off = v & RT_OFFSET_MASK;
             let at = table_offset + i as u64 * 8;
+            if v & !RT_OFFSET_MASK != 0 {
+                return Err(Error::corrupt(format!(
+                    "refcount table entry {v:#x} has reserved bits set"
+                ))
+                .at(at));
+            }
             if !off.is_multiple_of(cs) {
                 return Err(Error::corrupt(format!(
                     "refcount block offset {off:#x} is not cluster aligned"
@@ -335,6 +341,76 @@ impl Refcounts {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::host::FaultFile;
+    use std::path::Path;
+
+    /// 512-byte clusters, 64-bit refcounts (64 per block): header, table at 1, block at 2.
+    fn tiny() -> (std::sync::Arc<FaultFile>, HostFile) {
+        let mut b = vec![0u8; 3 * 512];
+        b[512..520].copy_from_slice(&1024u64.to_be_bytes());
+        for c in 0..3 {
+            block_set(&mut b[1024..1536], c, 6, 1);
+        }
+        let f = FaultFile::new(b);
+        let h = f.host_file(Path::new("mem"), true);
+        (f, h)
+    }
+
+    #[test]
+    fn alloc_grows_blocks_and_table_and_survives_reload() {
+        let (_f, h) = tiny();
+        let mut rc = Refcounts::load(&h, 9, 6, 512, 1, 4096).unwrap();
+        assert_eq!(rc.next_free, 3);
+        // 64 entries per block, 64 blocks per table cluster: 5000 clusters need a bigger table.
+        let mut offs = Vec::new();
+        for _ in 0..5000 {
+            offs.push(rc.alloc(1).unwrap());
+        }
+        assert!(rc.table_offset != 512 && rc.table_clusters > 1);
+        rc.flush_durable().unwrap();
+        let punch = rc.apply_frees().unwrap();
+        assert_eq!(punch, vec![(512, 512)], "old table freed");
+        rc.flush_durable().unwrap();
+        let hdr_rt = {
+            let mut b = [0u8; 12];
+            h.read_exact_at(&mut b, OFF_REFCOUNT_TABLE).unwrap();
+            (be64(&b, 0), u32::from_be_bytes([b[8], b[9], b[10], b[11]]))
+        };
+        assert_eq!(hdr_rt, (rc.table_offset, rc.table_clusters as u32));
+        let again = Refcounts::load(&h, 9, 6, rc.table_offset, rc.table_clusters, 4096).unwrap();
+        for o in offs {
+            assert_eq!(again.get(o >> 9).unwrap(), 1, "cluster {o:#x}");
+        }
+        assert_eq!(again.get(1).unwrap(), 0);
+        // Every block and table cluster is counted.
+        for (i, &b) in again.table.iter().enumerate() {
+            if b != 0 {
+                assert_eq!(again.get(b >> 9).unwrap(), 1, "block {i}");
+            }
+        }
+        for c in 0..again.table_clusters {
+            assert_eq!(again.get((again.table_offset >> 9) + c).unwrap(), 1);
+        }
+    }
+
+    #[test]
+    fn hostile_tables_are_errors() {
+        for bad in [0x200u64 + 7, 1 << 40, 0x100] {
+            let (_f, h) = tiny();
+            h.write_all_at(&bad.to_be_bytes(), 512 + 8).unwrap();
+            assert!(Refcounts::load(&h, 9, 6, 512, 1, 4096).is_err(), "{bad:#x}");
+        }
+        let (_f, h) = tiny();
+        let mut rc = Refcounts::load(&h, 9, 6, 512, 1, 4096).unwrap();
+        assert!(rc.set(5, u64::MAX).is_ok());
+        let mut rc1 = Refcounts::load(&h, 9, 0, 512, 1, 4096).unwrap();
+        assert!(rc1.set(5, 2).is_err(), "1-bit refcount overflow");
+        rc.defer_free(5 << 9, 512);
+        rc.defer_free(6 << 9, 512); // refcount already 0: warned, not wrapped
+        assert_eq!(rc.apply_frees().unwrap(), vec![]);
+        assert_eq!(rc.get(5).unwrap(), u64::MAX - 1);
+        assert_eq!(rc.get(6).unwrap(), 0);
+    }
 
     #[test]
     fn entry_packing_all_widths() {

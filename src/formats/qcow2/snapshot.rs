@@ -124,3 +124,83 @@ pub fn find<'a>(snaps: &'a [Snapshot], key: &str) -> Option<&'a Snapshot> {
         .find(|s| s.id == key)
         .or_else(|| snaps.iter().find(|s| s.name == key))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::FaultFile;
+    use std::path::Path;
+
+    /// A v3 image (64 KiB clusters) with one snapshot entry at 0x40000 and its L1 at 0x50000.
+    fn image(patch: impl Fn(&mut [u8])) -> Result<Vec<Snapshot>> {
+        let mut b = vec![0u8; 0x60000];
+        b[0..4].copy_from_slice(super::super::header::MAGIC);
+        let put32 =
+            |b: &mut [u8], at: usize, v: u32| b[at..at + 4].copy_from_slice(&v.to_be_bytes());
+        let put64 =
+            |b: &mut [u8], at: usize, v: u64| b[at..at + 8].copy_from_slice(&v.to_be_bytes());
+        put32(&mut b, 4, 3);
+        put32(&mut b, 20, 16);
+        put64(&mut b, 24, 1 << 30);
+        put32(&mut b, 36, 2);
+        put64(&mut b, 40, 0x30000);
+        put64(&mut b, 48, 0x10000);
+        put32(&mut b, 56, 1);
+        put32(&mut b, 60, 1);
+        put64(&mut b, 64, 0x40000);
+        put32(&mut b, 96, 4);
+        put32(&mut b, 100, 104);
+        let e = 0x40000;
+        put64(&mut b, e, 0x50000);
+        put32(&mut b, e + 8, 2);
+        b[e + 12..e + 14].copy_from_slice(&1u16.to_be_bytes());
+        b[e + 14..e + 16].copy_from_slice(&4u16.to_be_bytes());
+        put32(&mut b, e + 36, 16);
+        put64(&mut b, e + 48, 1 << 30);
+        b[e + 56..e + 61].copy_from_slice(b"1snap");
+        patch(&mut b);
+        let f = FaultFile::new(b);
+        let h = f.host_file(Path::new("mem"), false);
+        let hdr = super::super::read_header(&h)?;
+        read_table(&h, &hdr).map(|(s, _)| s)
+    }
+
+    #[test]
+    fn parses_and_finds() {
+        let s = image(|_| {}).unwrap();
+        assert_eq!((s[0].id.as_str(), s[0].name.as_str()), ("1", "snap"));
+        assert_eq!(s[0].disk_size, 1 << 30);
+        assert!(find(&s, "snap").is_some() && find(&s, "1").is_some() && find(&s, "x").is_none());
+    }
+
+    #[test]
+    fn hostile_entries_are_errors() {
+        let e = 0x40000;
+        type Patch = Box<dyn Fn(&mut [u8])>;
+        let cases: [(&str, Patch); 5] = [
+            (
+                "l1 past eof",
+                Box::new(move |b| b[e..e + 8].copy_from_slice(&0x70000u64.to_be_bytes())),
+            ),
+            (
+                "l1 in header",
+                Box::new(move |b| b[e..e + 8].copy_from_slice(&0u64.to_be_bytes())),
+            ),
+            (
+                "l1 huge",
+                Box::new(move |b| b[e + 8..e + 12].copy_from_slice(&u32::MAX.to_be_bytes())),
+            ),
+            (
+                "extra huge",
+                Box::new(move |b| b[e + 36..e + 40].copy_from_slice(&u32::MAX.to_be_bytes())),
+            ),
+            (
+                "table unaligned",
+                Box::new(|b| b[64..72].copy_from_slice(&0x40008u64.to_be_bytes())),
+            ),
+        ];
+        for (what, f) in cases {
+            assert!(image(f).is_err(), "{what}");
+        }
+    }
+}

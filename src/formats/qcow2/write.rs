@@ -10,7 +10,9 @@
 //! ```
 
 use super::compressed::CompressedRef;
-use super::header::{AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_DIRTY, OFF_AUTOCLEAR, OFF_INCOMPAT};
+use super::header::{
+    AUTOCLEAR_DATA_FILE_RAW, EXT_BITMAPS, INCOMPAT_DIRTY, OFF_AUTOCLEAR, OFF_INCOMPAT,
+};
 use super::map::Meta;
 use super::map::{
     sc_state, ALL_ZERO_BITS, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO,
@@ -66,6 +68,28 @@ fn prepare(map: &Qcow2Map, m: &mut Meta) -> Result<()> {
             m.autoclear = keep;
         }
     }
+    if m.bitmaps {
+        // The bitmaps are stale from now on (autoclear bit cleared): drop the extension and
+        // free their clusters, rather than leave them behind as leaks.
+        if let Some(b) = &map.hdr.bitmaps {
+            let mut errors = Vec::new();
+            let ranges =
+                super::check::bitmap_ranges(file, b, map.m.geo.cs, file.len()?, &mut errors);
+            super::header::drop_extension(file, &map.hdr, EXT_BITMAPS)?;
+            log::warn!(
+                "{}: dropped {} stale persistent bitmap(s) on the first write",
+                file.path().display(),
+                b.nb_bitmaps
+            );
+            if errors.is_empty() {
+                let rc = refcounts(m)?;
+                for (off, len) in ranges {
+                    rc.defer_free(off, len);
+                }
+            }
+        }
+        m.bitmaps = false;
+    }
     if map.m.geo.version >= 3 && map.hdr.lazy_refcounts() && m.incompat & INCOMPAT_DIRTY == 0 {
         set_incompat(map, m, true)?;
     }
@@ -120,11 +144,45 @@ fn owned(map: &Qcow2Map, m: &mut Meta, e: u64) -> Result<bool> {
 }
 
 fn alloc_data(map: &Qcow2Map, m: &mut Meta, guest_cluster: u64) -> Result<u64> {
+    alloc_data_n(map, m, guest_cluster, 1)
+}
+
+/// `n` contiguous data clusters for guest clusters starting at `guest_cluster`.
+fn alloc_data_n(map: &Qcow2Map, m: &mut Meta, guest_cluster: u64, n: u64) -> Result<u64> {
     if map.m.geo.external {
         // Data file clusters are not refcounted: host offset = guest offset.
         return Ok(guest_cluster);
     }
-    refcounts(m)?.alloc(1)
+    refcounts(m)?.alloc(n)
+}
+
+/// How many clusters after the first (at `l2_index`) a write of `len` bytes starting `in_c`
+/// into it can take fresh, contiguous clusters for: the following ones it reaches that have no
+/// data at all (unallocated or zero without a host cluster), in the same L2 table.
+fn fresh_followers(
+    map: &Qcow2Map,
+    m: &mut Meta,
+    l2_off: u64,
+    l2_index: u64,
+    in_c: u64,
+    len: u64,
+) -> Result<u64> {
+    let g = &map.m.geo;
+    let mut count = 1;
+    if g.ext_l2 || in_c + len <= g.cs {
+        return Ok(count);
+    }
+    while count < 256 && l2_index + count < g.l2_entries && count * g.cs - in_c < len {
+        let (e, _) = map.m.l2_entry(m, l2_off, l2_index + count)?;
+        let has_data = e & OFLAG_COMPRESSED != 0
+            || e & L2E_OFFSET_MASK != 0
+            || (g.external && e & OFLAG_COPIED != 0);
+        if has_data {
+            break;
+        }
+        count += 1;
+    }
+    Ok(count)
 }
 
 /// Fill `ranges` (offsets within the cluster) of a newly used cluster from `src`.
@@ -216,8 +274,24 @@ pub fn map_write(map: &Qcow2Map, off: u64, len: u64, below: &dyn Below) -> Resul
             len: n,
         });
     }
-    let new = alloc_data(map, m, guest)?;
+    let count = fresh_followers(map, m, l2_off, l2_index, in_c, len)?;
+    let new = alloc_data_n(map, m, guest, count)?;
     let known_zero = new >= map.m.data.len()?;
+    if count > 1 {
+        return write_fresh_run(
+            map,
+            m,
+            below,
+            (l2_off, l2_index),
+            e,
+            new,
+            guest,
+            in_c,
+            len,
+            count,
+            known_zero,
+        );
+    }
     let old;
     let src = if compressed {
         let mut buf = vec![0u8; g.cs as usize];
@@ -240,6 +314,75 @@ pub fn map_write(map: &Qcow2Map, off: u64, len: u64, below: &dyn Below) -> Resul
     Ok(Extent::Data {
         host: new + in_c,
         len: n,
+    })
+}
+
+/// A write over `count` guest clusters that got contiguous host clusters at `new`: the first
+/// may hold data (filled from its source), the others hold none (the last one's tail is filled
+/// from below or zeros).
+#[allow(clippy::too_many_arguments)]
+fn write_fresh_run(
+    map: &Qcow2Map,
+    m: &mut Meta,
+    below: &dyn Below,
+    (l2_off, l2_index): (u64, u64),
+    first: u64,
+    new: u64,
+    guest: u64,
+    in_c: u64,
+    len: u64,
+    count: u64,
+    known_zero: bool,
+) -> Result<Extent> {
+    let g = &map.m.geo;
+    let cs = g.cs;
+    let run = (count * cs - in_c).min(len);
+    // Head of the first cluster.
+    if in_c > 0 {
+        let mut buf = vec![0u8; cs as usize];
+        let src = if first & OFLAG_COMPRESSED != 0 {
+            map.m.decompress(first, &mut buf)?;
+            Src::Bytes(&buf)
+        } else if first & L2E_OFFSET_MASK != 0 || (g.external && first & OFLAG_COPIED != 0) {
+            buf = read_cluster(map, first & L2E_OFFSET_MASK)?;
+            Src::Bytes(&buf)
+        } else if g.version >= 3 && first & OFLAG_ZERO != 0 {
+            Src::Zeros
+        } else {
+            Src::Below
+        };
+        fill(map, below, new, guest, &[(0, in_c)], &src, known_zero)?;
+    }
+    // Tail of the last cluster.
+    let end = in_c + run;
+    let last = (end - 1) / cs;
+    let tail = end - last * cs;
+    if tail < cs {
+        let (e, _) = map.m.l2_entry(m, l2_off, l2_index + last)?;
+        let src = if g.version >= 3 && e & OFLAG_ZERO != 0 {
+            Src::Zeros
+        } else {
+            Src::Below
+        };
+        let host = new + last * cs;
+        fill(
+            map,
+            below,
+            host,
+            guest + last * cs,
+            &[(tail, cs)],
+            &src,
+            known_zero,
+        )?;
+    }
+    for i in 0..count {
+        map.m
+            .set_l2_entry(m, l2_off, l2_index + i, (new + i * cs) | OFLAG_COPIED, 0)?;
+    }
+    free_old(map, m, first)?;
+    Ok(Extent::Data {
+        host: new + in_c,
+        len: run,
     })
 }
 
