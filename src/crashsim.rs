@@ -20,6 +20,8 @@ pub struct Workload {
     /// Out of 100: chance that an operation is a discard/zero, and an fsync.
     pub discard_pct: u64,
     pub fsync_pct: u64,
+    /// Metadata cache budget; small values force table evictions (write-back between fsyncs).
+    pub cache_size: u64,
 }
 
 impl Default for Workload {
@@ -29,6 +31,7 @@ impl Default for Workload {
             max_write: 192 << 10,
             discard_pct: 10,
             fsync_pct: 12,
+            cache_size: crate::image::DEFAULT_CACHE_SIZE,
         }
     }
 }
@@ -57,6 +60,7 @@ pub fn run_cut(
     let opts = OpenOpts {
         format: Some(format.to_string()),
         lock: false,
+        cache_size: work.cache_size,
         ..OpenOpts::default()
     };
     let img = Image::open_host(fault.host_file(name, true), &opts)?;
@@ -66,29 +70,44 @@ pub fn run_cut(
     // `durable` = guest content as of the last completed fsync; `unsure` marks bytes changed since.
     let mut durable = model.clone();
     let mut unsure = vec![false; size as usize];
-    let cut_at = rng.below(work.ops as u64 + 1) as usize;
+    // Half the cuts fall between operations; the other half at a random host write, which may be
+    // in the middle of a flush (between its syncs) or of a table write-back.
+    let mut cut_at = rng.below(work.ops as u64 + 1) as usize;
+    if rng.below(2) == 0 {
+        fault.fail_after_writes(rng.below(work.ops as u64 * 6));
+        cut_at = work.ops;
+    }
     let mut fsyncs = 0;
+    let mut ops_done = 0;
     let mut buf = vec![0u8; work.max_write];
     for _ in 0..cut_at {
         let roll = rng.below(100);
         if roll < work.fsync_pct {
-            img.flush()?;
+            if img.flush().is_err() {
+                break; // the power went out inside this flush: it never completed
+            }
             durable.copy_from_slice(&model);
             unsure.fill(false);
             fsyncs += 1;
+            ops_done += 1;
             continue;
         }
         let (off, len) = random_range(&mut rng, size, work.max_write);
         let range = off as usize..(off + len) as usize;
-        if roll < work.fsync_pct + work.discard_pct {
-            img.write_zeroes(off, len, rng.below(2) == 0)?;
+        // Whatever happens to this operation, its range may now hold old or new bytes.
+        unsure[range.clone()].fill(true);
+        let done = if roll < work.fsync_pct + work.discard_pct {
             model[range.clone()].fill(0);
+            img.write_zeroes(off, len, rng.below(2) == 0)
         } else {
             rng.fill(&mut buf[..len as usize]);
-            img.write_at(&buf[..len as usize], off)?;
-            model[range.clone()].copy_from_slice(&buf[..len as usize]);
+            model[range].copy_from_slice(&buf[..len as usize]);
+            img.write_at(&buf[..len as usize], off)
+        };
+        if done.is_err() {
+            break;
         }
-        unsure[range].fill(true);
+        ops_done += 1;
     }
     let image = fault.crash_image(&mut rng);
     // The daemon died: nothing of it runs again (no close, no flush).
@@ -96,7 +115,7 @@ pub fn run_cut(
     check_after_cut(&image, name, format, &durable, &unsure, seed)?;
     Ok(CutResult {
         image,
-        ops_done: cut_at,
+        ops_done,
         fsyncs,
     })
 }
@@ -122,7 +141,7 @@ fn check_after_cut(
             .map_err(|e| Error::corrupt(format!("seed {seed}: reopen after cut failed: {e}")))?;
         let mut got = vec![0u8; durable.len()];
         img.read_at(&mut got, 0)?;
-        if let Some(i) = (0..durable.len()).find(|&i| !unsure[i] && got[i] != durable[i]) {
+        if let Some(i) = first_lost_byte(&got, durable, unsure) {
             return Err(Error::corrupt(format!(
                 "seed {seed}: fsync'd byte at guest offset {i:#x} lost after cut \
                  (read {:#04x}, expected {:#04x}, read_only={read_only})",
@@ -133,6 +152,18 @@ fn check_after_cut(
         img.close()?;
     }
     Ok(())
+}
+
+/// The first byte that should have survived but differs (compared 4 KiB at a time).
+fn first_lost_byte(got: &[u8], durable: &[u8], unsure: &[bool]) -> Option<usize> {
+    const CHUNK: usize = 4096;
+    (0..durable.len()).step_by(CHUNK).find_map(|start| {
+        let end = (start + CHUNK).min(durable.len());
+        if got[start..end] == durable[start..end] {
+            return None;
+        }
+        (start..end).find(|&i| !unsure[i] && got[i] != durable[i])
+    })
 }
 
 /// A random range inside the disk, often cluster-aligned, sometimes not.

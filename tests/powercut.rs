@@ -13,7 +13,7 @@ fn cuts() -> u64 {
     std::env::var("IMGFS_CUTS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(120)
+        .unwrap_or(200)
 }
 
 /// Images to cut, per format: (qemu-img create options, virtual size).
@@ -50,20 +50,19 @@ fn powercut(fmt: &str) {
         args.extend([img.to_str().unwrap(), size]);
         qemu_img(&args);
         let initial = std::fs::read(&img).unwrap();
-        let work = Workload {
-            ops: 40,
-            max_write: 96 << 10,
-            ..Workload::default()
-        };
         let crashed = t.path().join(format!("crashed.{fmt}"));
-        let start = vi as u64 * 100_000;
-        survived += run_many(
-            &initial,
-            &img,
-            fmt,
-            start..start + per,
-            &work,
-            |seed, cut| {
+        // Half the seeds with a two-table metadata cache, so tables are written back by eviction
+        // between fsyncs, not only by flushes.
+        for (half, cache_size) in [(0u64, imgfs::image::DEFAULT_CACHE_SIZE), (1, 1)] {
+            let work = Workload {
+                ops: 40,
+                max_write: 96 << 10,
+                cache_size,
+                ..Workload::default()
+            };
+            let start = vi as u64 * 100_000 + half * 50_000;
+            let n = per / 2 + half * (per % 2);
+            survived += run_many(&initial, &img, fmt, start..start + n, &work, |seed, cut| {
                 // qemu-img check on every 8th crashed image (qcow has no checker in QEMU).
                 if seed % 8 == 0 && fmt != "raw" && fmt != "qcow" {
                     std::fs::write(&crashed, &cut.image).unwrap();
@@ -76,9 +75,9 @@ fn powercut(fmt: &str) {
                     leaky += u64::from(code == 3);
                 }
                 Ok(())
-            },
-        )
-        .unwrap_or_else(|e| panic!("{fmt} ({opts}): {e}"));
+            })
+            .unwrap_or_else(|e| panic!("{fmt} ({opts}, cache {cache_size}): {e}"));
+        }
     }
     eprintln!(
         "{fmt}: {survived} power cuts survived; {checked} crashed images checked by qemu-img ({leaky} with leaks only)"

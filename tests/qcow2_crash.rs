@@ -62,6 +62,7 @@ fn work() -> Workload {
         max_write: 96 << 10,
         discard_pct: 12,
         fsync_pct: 12,
+        ..Workload::default()
     }
 }
 
@@ -117,6 +118,7 @@ fn crash_refcount_table_growth() {
         max_write: 64 << 10,
         discard_pct: 10,
         fsync_pct: 15,
+        ..Workload::default()
     };
     crash_series("cluster_size=512,refcount_bits=64", "2M", false, 0..25, &w);
 }
