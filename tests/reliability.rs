@@ -180,3 +180,13 @@ fn corrupt_table_fails_only_its_range_and_degrades_only_its_image() {
     let info = ok(IMGFS, &["info", bad.to_str().unwrap()]);
     assert!(info.contains("qcow2"), "{info}");
 }
+
+#[test]
+fn kill9_qed() {
+    kill_many("qed", 5);
+}
+
+#[test]
+fn kill9_qcow() {
+    kill_many("qcow", 5);
+}
