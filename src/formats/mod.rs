@@ -4,9 +4,10 @@ use crate::error::{Error, Result};
 use crate::image::Format;
 
 pub mod raw;
+pub mod vhdx;
 
 /// Every known format, probed in this order; raw (no magic) must stay last.
-static FORMATS: &[&dyn Format] = &[&raw::Raw];
+static FORMATS: &[&dyn Format] = &[&vhdx::Vhdx, &raw::Raw];
 
 pub fn all() -> &'static [&'static dyn Format] {
     FORMATS
