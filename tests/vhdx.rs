@@ -414,3 +414,83 @@ fn hostile_images_give_errors() {
     )
     .is_err());
 }
+
+/// Read an image through libvhdi's `vhdimount` (FUSE); None when it cannot mount here.
+fn vhdimount_read(img: &Path, dir: &Path) -> Option<Vec<u8>> {
+    let mnt = dir.join("vhdimnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let out = run("vhdimount", &[img.to_str().unwrap(), mnt.to_str().unwrap()]);
+    if !out.status.success() {
+        eprintln!(
+            "vhdimount failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return None;
+    }
+    // With a parent, vhdiN are the chain from the base up: the image itself is the last.
+    let mut names: Vec<String> = std::fs::read_dir(&mnt)
+        .map(|r| {
+            r.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort_by_key(|n| (n.len(), n.clone()));
+    let data = std::fs::read(mnt.join(names.last().map(String::as_str).unwrap_or("vhdi1")));
+    let _ = run("fusermount3", &["-u", mnt.to_str().unwrap()]);
+    let _ = run("umount", &["-l", mnt.to_str().unwrap()]);
+    data.ok()
+}
+
+#[test]
+fn libvhdi_reads_imgfs_differencing_and_4k_images() {
+    let d = tmpdir();
+    let size = 6 * MIB;
+    let parent = qemu_create(d.path(), "p.vhdx", "block_size=1M", size);
+    fill_with_qemu(d.path(), &parent, size, 21);
+    let mut want = qemu_raw(&parent);
+    let child = d.path().join("c.vhdx");
+    create(&child, 0, &[("block_size", "1M")], Some(&parent));
+    {
+        let im = open(&child, false);
+        for (off, len) in [
+            (100u64, 10usize),
+            (MIB + 4000, 3000),
+            (3 * MIB, MIB as usize),
+            (5 * MIB + 511, 2),
+        ] {
+            let buf = random_bytes(off + 1, len);
+            im.write_at(&buf, off).unwrap();
+            want[off as usize..off as usize + len].copy_from_slice(&buf);
+        }
+        im.close().unwrap();
+    }
+    let info = vhdiinfo(&child);
+    eprintln!("{info}");
+    if std::env::var("VHDX_KEEP").is_ok() {
+        let _ = std::fs::create_dir_all("/tmp/vdbg");
+        std::fs::copy(&child, "/tmp/vdbg/c.vhdx").unwrap();
+        std::fs::copy(&parent, "/tmp/vdbg/p.vhdx").unwrap();
+    }
+    {
+        let got = vhdimount_read(&child, d.path()).expect("vhdimount of the child");
+        assert_same(&got, &want, "vhdimount of the differencing child");
+    }
+    let s4k = d.path().join("s4k.vhdx");
+    create(
+        &s4k,
+        size,
+        &[("block_size", "1M"), ("logical_sector_size", "4096")],
+        None,
+    );
+    let mut want = vec![0u8; size as usize];
+    {
+        let im = open(&s4k, false);
+        engine_writes(&im, &mut want, 3, MIB);
+        im.close().unwrap();
+    }
+    {
+        let got = vhdimount_read(&s4k, d.path()).expect("vhdimount of the 4k image");
+        assert_same(&got, &want, "vhdimount of the 4 KiB-sector image");
+    }
+}

@@ -134,11 +134,20 @@ pub fn create(file: &HostFile, opts: &CreateOpts) -> Result<()> {
             .and_then(Guid::parse)
             .ok_or_else(|| Error::invalid("vhdx: parent info lacks its data_write_guid"))?;
         locator.push(("parent_linkage".to_string(), linkage.to_braced()));
-        let win = b.name.replace('/', "\\");
-        if b.name.starts_with('/') {
-            locator.push(("absolute_win32_path".to_string(), win));
+        // relative_path is what imgfs follows; libvhdi reads absolute_win32_path first.
+        let win = |p: &str| p.replace('/', "\\");
+        let abs = if b.name.starts_with('/') {
+            Some(b.name.clone())
         } else {
-            locator.push(("relative_path".to_string(), format!(".\\{win}")));
+            locator.push(("relative_path".to_string(), format!(".\\{}", win(&b.name))));
+            let dir = file.path().parent().unwrap_or(std::path::Path::new("."));
+            dir.join(&b.name)
+                .canonicalize()
+                .ok()
+                .and_then(|p| p.to_str().map(str::to_string))
+        };
+        if let Some(a) = abs {
+            locator.push(("absolute_win32_path".to_string(), win(&a)));
         }
     }
     if size == 0 || size > MAX_VIRTUAL_SIZE || !size.is_multiple_of(p.logical_sector) {

@@ -69,7 +69,7 @@ impl Guid {
     pub fn to_braced(self) -> String {
         let g = &self.0;
         format!(
-            "{{{:08X}-{:04X}-{:04X}-{:02X}{:02X}-{:02X}{:02X}{:02X}{:02X}{:02X}{:02X}}}",
+            "{{{:08x}-{:04x}-{:04x}-{:02x}{:02x}-{:02x}{:02x}{:02x}{:02x}{:02x}{:02x}}}",
             u32::from_le_bytes([g[0], g[1], g[2], g[3]]),
             u16::from_le_bytes([g[4], g[5]]),
             u16::from_le_bytes([g[6], g[7]]),
@@ -439,7 +439,7 @@ mod tests {
     fn guid_text_round_trip() {
         assert_eq!(
             BAT_GUID.to_braced(),
-            "{2DC27766-F623-4200-9D64-115E9BFD4A08}"
+            "{2dc27766-f623-4200-9d64-115e9bfd4a08}"
         );
         assert_eq!(Guid::parse(&BAT_GUID.to_braced()), Some(BAT_GUID));
         assert_eq!(Guid::parse("{xyz}"), None);
