@@ -236,3 +236,56 @@ fn huge_virtual_disk_opens_fast_with_bounded_memory() {
     im.read_at(&mut back, size - buf.len() as u64).unwrap();
     assert_same(&back, &buf, "huge disk reopen");
 }
+
+/// Allocating 4 KiB writes, one per 1 MiB block, flushed every 16 writes: imgfs (one log entry
+/// per flush) against qemu-io (a log entry, header updates and several syncs per allocation).
+/// Run with `cargo test --release --test vhdx_log -- --ignored --nocapture bench`.
+#[test]
+#[ignore]
+fn bench_allocating_writes_against_qemu() {
+    let d = tmpdir();
+    let n = 256u64;
+    let mk = |name: &str| {
+        let p = d.path().join(name);
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "vhdx",
+            "-o",
+            "block_size=1M",
+            p.to_str().unwrap(),
+            &format!("{}M", n),
+        ]);
+        p
+    };
+    let ours = mk("ours.vhdx");
+    let im = Image::open(&ours, &OpenOpts::default()).unwrap();
+    let buf = random_bytes(1, 4096);
+    let t = std::time::Instant::now();
+    for i in 0..n {
+        im.write_at(&buf, i * MIB + 4096).unwrap();
+        if i % 16 == 15 {
+            im.flush().unwrap();
+        }
+    }
+    im.close().unwrap();
+    let ours_t = t.elapsed();
+    drop(im);
+    let theirs = mk("theirs.vhdx");
+    let f = write_file(d.path(), "buf", &buf);
+    let mut cmds = vec![];
+    for i in 0..n {
+        cmds.push(format!("write -s {} {} 4096", f.display(), i * MIB + 4096));
+        if i % 16 == 15 {
+            cmds.push("flush".to_string());
+        }
+    }
+    let refs: Vec<&str> = cmds.iter().map(String::as_str).collect();
+    let t = std::time::Instant::now();
+    qemu_io("vhdx", &theirs, &refs);
+    let theirs_t = t.elapsed();
+    eprintln!("{n} allocating writes, flush every 16: imgfs {ours_t:?}, qemu-io {theirs_t:?}");
+    assert_check_clean("vhdx", &ours);
+    assert_same(&qemu_raw(&ours), &qemu_raw(&theirs), "same content");
+}
