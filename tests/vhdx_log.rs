@@ -289,3 +289,152 @@ fn bench_allocating_writes_against_qemu() {
     assert_check_clean("vhdx", &ours);
     assert_same(&qemu_raw(&ours), &qemu_raw(&theirs), "same content");
 }
+
+/// LD_PRELOAD shim: fails (EIO) every write that touches [SHIM_FAIL_START, SHIM_FAIL_END) after
+/// the first SHIM_SKIP of them. Aimed at the BAT, it stops QEMU between its durable log entry
+/// and the in-place BAT update (QEMU writes from thread-pool threads, so it hooks the calls).
+const SHIM_C: &str = r#"
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <stdlib.h>
+#include <sys/uio.h>
+#include <unistd.h>
+#include <stdatomic.h>
+static atomic_long seen;
+static int hit(off_t off, size_t len) {
+    const char *s = getenv("SHIM_FAIL_START"), *e = getenv("SHIM_FAIL_END"), *k = getenv("SHIM_SKIP");
+    if (!s || !e) return 0;
+    long long a = atoll(s), b = atoll(e);
+    if (off >= b || off + (off_t)len <= a) return 0;
+    return atomic_fetch_add(&seen, 1) >= (k ? atoll(k) : 0);
+}
+static size_t iovlen(const struct iovec *v, int n) {
+    size_t t = 0;
+    for (int i = 0; i < n; i++) t += v[i].iov_len;
+    return t;
+}
+ssize_t pwrite64(int fd, const void *buf, size_t n, off_t off) {
+    static ssize_t (*real)(int, const void *, size_t, off_t);
+    if (!real) real = dlsym(RTLD_NEXT, "pwrite64");
+    if (hit(off, n)) { errno = EIO; return -1; }
+    return real(fd, buf, n, off);
+}
+ssize_t pwrite(int fd, const void *buf, size_t n, off_t off) { return pwrite64(fd, buf, n, off); }
+ssize_t pwritev64(int fd, const struct iovec *v, int c, off_t off) {
+    static ssize_t (*real)(int, const struct iovec *, int, off_t);
+    if (!real) real = dlsym(RTLD_NEXT, "pwritev64");
+    if (hit(off, iovlen(v, c))) { errno = EIO; return -1; }
+    return real(fd, v, c, off);
+}
+ssize_t pwritev(int fd, const struct iovec *v, int c, off_t off) { return pwritev64(fd, v, c, off); }
+ssize_t pwritev64v2(int fd, const struct iovec *v, int c, off_t off, int fl) {
+    static ssize_t (*real)(int, const struct iovec *, int, off_t, int);
+    if (!real) real = dlsym(RTLD_NEXT, "pwritev64v2");
+    if (hit(off, iovlen(v, c))) { errno = EIO; return -1; }
+    return real(fd, v, c, off, fl);
+}
+ssize_t pwritev2(int fd, const struct iovec *v, int c, off_t off, int fl) {
+    return pwritev64v2(fd, v, c, off, fl);
+}
+"#;
+
+#[test]
+fn logs_left_dirty_by_qemu_replay_like_qemu_check() {
+    let d = tmpdir();
+    let src = write_file(d.path(), "shim.c", SHIM_C.as_bytes());
+    let so = d.path().join("shim.so");
+    ok(
+        "gcc",
+        &[
+            "-shared",
+            "-fPIC",
+            "-O2",
+            "-o",
+            so.to_str().unwrap(),
+            src.to_str().unwrap(),
+            "-ldl",
+        ],
+    );
+    for skip in [0u64, 2, 5] {
+        let img = d.path().join(format!("q{skip}.vhdx"));
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "vhdx",
+            "-o",
+            "block_size=1M",
+            img.to_str().unwrap(),
+            "12M",
+        ]);
+        // Earlier clean sessions leave older entries (other log GUIDs) in the log region.
+        qemu_io("vhdx", &img, &["write -P 7 5M 64k", "write -P 8 9M 4k"]);
+        let raw = std::fs::read(&img).unwrap();
+        let bat = u64::from_le_bytes(raw[(192 << 10) + 32..(192 << 10) + 40].try_into().unwrap());
+        let mut args = vec![
+            "-f".to_string(),
+            "vhdx".to_string(),
+            img.to_str().unwrap().to_string(),
+        ];
+        for i in 0..8u64 {
+            let f = write_file(
+                d.path(),
+                &format!("d{skip}-{i}"),
+                &random_bytes(skip * 10 + i, 70_000),
+            );
+            args.push("-c".into());
+            args.push(format!(
+                "write -s {} {} 70000",
+                f.display(),
+                i * 1_300_000 + 333
+            ));
+        }
+        let out = std::process::Command::new("qemu-io")
+            .args(&args)
+            .env("LD_PRELOAD", &so)
+            .env("SHIM_FAIL_START", bat.to_string())
+            .env("SHIM_FAIL_END", (bat + MIB).to_string())
+            .env("SHIM_SKIP", skip.to_string())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("write failed"),
+            "the shim did not stop QEMU: {text}"
+        );
+        let info = run("qemu-img", &["info", "-f", "vhdx", img.to_str().unwrap()]);
+        assert!(
+            !info.status.success(),
+            "QEMU left no dirty log (skip={skip})"
+        );
+        let dirty = std::fs::read(&img).unwrap();
+        let theirs = write_file(d.path(), &format!("q{skip}-qemu.vhdx"), &dirty);
+        let out = run(
+            "qemu-img",
+            &["check", "-r", "all", "-f", "vhdx", theirs.to_str().unwrap()],
+        );
+        assert!(matches!(out.status.code(), Some(0) | Some(3)), "{out:?}");
+        let want = qemu_raw(&theirs);
+        // The write whose BAT update failed is there only through the log.
+        let at = (skip * 1_300_000 + 333) as usize;
+        assert_same(
+            &want[at..at + 70_000],
+            &random_bytes(skip * 10 + skip, 70_000),
+            "logged write",
+        );
+        assert_same(
+            &read_all(&img, true),
+            &want,
+            "imgfs in-memory replay of QEMU's log",
+        );
+        assert_eq!(
+            std::fs::read(&img).unwrap(),
+            dirty,
+            "read-only open wrote the file"
+        );
+        assert_same(&read_all(&img, false), &want, "imgfs replay of QEMU's log");
+        assert_check_clean("vhdx", &img);
+        assert_same(&qemu_raw(&img), &want, "QEMU after imgfs's replay");
+    }
+}
