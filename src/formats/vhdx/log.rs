@@ -120,6 +120,8 @@ fn parse_entry(
     if le32(&bytes, 4) != crc_with_zeroed(&bytes, 4) {
         return None;
     }
+    // Descriptors may only touch the file as long as the entry says it is.
+    let limit = le64(h, 56).min(MAX_TARGET).div_ceil(MIB) * MIB;
     let mut next_data = desc_sectors;
     let mut out = Vec::new();
     for i in 0..ndesc as usize {
@@ -131,14 +133,13 @@ fn parse_entry(
         match &d[0..4] {
             b"zero" => {
                 let zl = le64(d, 8);
-                if !zl.is_multiple_of(SECTOR) || off.checked_add(zl).is_none_or(|e| e > MAX_TARGET)
-                {
+                if !zl.is_multiple_of(SECTOR) || off.checked_add(zl).is_none_or(|e| e > limit) {
                     return None;
                 }
                 out.push(LogOp::Zero { off, len: zl });
             }
             b"desc" => {
-                if next_data >= total || off + SECTOR > MAX_TARGET {
+                if next_data >= total || off.checked_add(SECTOR).is_none_or(|e| e > limit) {
                     return None;
                 }
                 let ds = &bytes[(next_data * SECTOR) as usize..((next_data + 1) * SECTOR) as usize];
@@ -391,10 +392,11 @@ mod tests {
             put(&mut log, 0, &e);
             assert!(find_active(&log, &Guid([5; 16])).is_none(), "{at} {val}");
         }
-        // Descriptor aimed into the header section.
-        let e = entry(1, 0, &[(4096, &a)]);
-        put(&mut log, 0, &e);
-        assert!(find_active(&log, &Guid([5; 16])).is_none());
+        // Descriptor aimed into the header section, or past the file the entry describes.
+        for target in [4096, 6 * MIB, u64::MAX - 4095] {
+            put(&mut log, 0, &entry(1, 0, &[(target, &a)]));
+            assert!(find_active(&log, &Guid([5; 16])).is_none(), "{target:#x}");
+        }
     }
 
     #[test]
