@@ -567,3 +567,42 @@ fn mutated_metadata_never_panics() {
     }
     assert!(opened > 100, "most mutations should still open ({opened})");
 }
+
+#[test]
+fn chain_of_4k_differencing_images() {
+    let d = tmpdir();
+    let size = 5 * MIB;
+    let base = d.path().join("b4k.vhdx");
+    create(
+        &base,
+        size,
+        &[("block_size", "1M"), ("logical_sector_size", "4096")],
+        None,
+    );
+    let mut want = vec![0u8; size as usize];
+    let write = |p: &Path, want: &mut Vec<u8>, seed: u64| {
+        let im = open(p, false);
+        for (off, len) in [
+            (seed * 1000, 9000usize),
+            (MIB + 4096 * seed + 7, 5000),
+            (3 * MIB, 4096),
+        ] {
+            let buf = random_bytes(seed * 7 + off, len);
+            im.write_at(&buf, off).unwrap();
+            want[off as usize..off as usize + len].copy_from_slice(&buf);
+        }
+        im.close().unwrap();
+    };
+    write(&base, &mut want, 1);
+    let mid = d.path().join("m4k.vhdx");
+    create(&mid, 0, &[("block_size", "1M")], Some(&base));
+    write(&mid, &mut want, 2);
+    let top = d.path().join("t4k.vhdx");
+    create(&top, 0, &[("block_size", "2M")], Some(&mid));
+    write(&top, &mut want, 3);
+    let im = open(&top, true);
+    assert_eq!(im.info().details["logical_sector_size"], 4096);
+    assert_same(&engine_read_all(&im), &want, "three-level chain");
+    let got = vhdimount_read(&top, d.path()).expect("vhdimount of the chain");
+    assert_same(&got, &want, "vhdimount of the three-level chain");
+}
