@@ -260,3 +260,74 @@ fn write_bat(file: &HostFile, geo: &Geometry, p: &Params, data_start: u64) -> Re
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::FaultFile;
+    use std::path::Path;
+
+    fn try_create(size: u64, opts: &[(&str, &str)]) -> Result<()> {
+        let fault = FaultFile::new(vec![]);
+        let co = CreateOpts {
+            size,
+            options: opts
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..CreateOpts::default()
+        };
+        create(&fault.host_file(Path::new("c.vhdx"), true), &co)
+    }
+
+    #[test]
+    fn options_are_validated() {
+        assert!(try_create(MIB, &[]).is_ok());
+        assert!(try_create(MIB, &[("block_size", "3M")]).is_err());
+        assert!(try_create(MIB, &[("block_size", "512M")]).is_err());
+        assert!(try_create(MIB, &[("log_size", "1000")]).is_err());
+        assert!(try_create(MIB, &[("logical_sector_size", "1024")]).is_err());
+        assert!(try_create(MIB, &[("subformat", "sparse")]).is_err());
+        assert!(try_create(MIB, &[("cluster_size", "64k")]).is_err());
+        assert!(try_create(0, &[]).is_err());
+        assert!(try_create(1000, &[]).is_err());
+        assert!(try_create(MAX_VIRTUAL_SIZE + MIB, &[]).is_err());
+        assert!(try_create(4096, &[("logical_sector_size", "4096")]).is_ok());
+        assert!(try_create(
+            2 * MIB,
+            &[("subformat", "fixed"), ("block_state_zero", "on")]
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn differencing_needs_a_vhdx_parent() {
+        let fault = FaultFile::new(vec![]);
+        let f = fault.host_file(Path::new("c.vhdx"), true);
+        let mut co = CreateOpts {
+            backing: Some(crate::image::BackingRef {
+                name: "p.raw".into(),
+                format: Some("raw".into()),
+            }),
+            ..CreateOpts::default()
+        };
+        assert!(create(&f, &co).is_err(), "no parent info");
+        co.backing_info = Some(crate::image::ImageInfo {
+            format: "raw",
+            virtual_size: MIB,
+            cluster_size: 512,
+            backing: None,
+            details: Default::default(),
+        });
+        assert!(create(&f, &co).is_err(), "raw parent");
+        if let Some(info) = co.backing_info.as_mut() {
+            info.format = "vhdx";
+        }
+        assert!(create(&f, &co).is_err(), "parent without data_write_guid");
+        if let Some(info) = co.backing_info.as_mut() {
+            let g = Guid([1; 16]).to_braced();
+            info.details.insert("data_write_guid".into(), g.into());
+        }
+        assert!(create(&f, &co).is_ok());
+    }
+}

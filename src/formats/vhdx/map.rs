@@ -706,3 +706,123 @@ impl BlockMap for VhdxMap {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::FaultFile;
+    use crate::image::{CreateOpts, NoBelow};
+    use std::path::Path;
+    use std::sync::Arc;
+
+    fn new_image(size: u64) -> Arc<FaultFile> {
+        let fault = FaultFile::new(vec![]);
+        let f = fault.host_file(Path::new("t.vhdx"), true);
+        let opts = CreateOpts {
+            size,
+            options: [("block_size".to_string(), "1M".to_string())].into(),
+            ..CreateOpts::default()
+        };
+        super::super::create::create(&f, &opts).unwrap();
+        fault
+    }
+
+    fn open(fault: &Arc<FaultFile>, read_only: bool) -> VhdxMap {
+        VhdxMap::open(
+            fault.host_file(Path::new("t.vhdx"), !read_only),
+            read_only,
+            1 << 20,
+        )
+        .unwrap()
+    }
+
+    fn write(m: &VhdxMap, f: &HostFile, off: u64, data: &[u8]) {
+        let Extent::Data { host, len } = m.map_write(off, data.len() as u64, &NoBelow).unwrap()
+        else {
+            panic!("map_write gave no data extent")
+        };
+        assert_eq!(len, data.len() as u64);
+        f.write_all_at(data, host).unwrap();
+    }
+
+    #[test]
+    fn one_log_entry_per_flush_for_many_pages() {
+        let fault = new_image(2048 * MIB);
+        let f = fault.host_file(Path::new("t.vhdx"), true);
+        let m = open(&fault, false);
+        // Blocks 0, 600 and 1500 live in three different BAT pages.
+        for b in [0u64, 600, 1500] {
+            write(&m, &f, b * MIB + 10, &[7; 100]);
+        }
+        assert_eq!(m.lock_state().dirty.len(), 3);
+        m.flush().unwrap();
+        assert_eq!(m.stats().log_entries_written, 1);
+        assert!(m.lock_state().dirty.is_empty());
+        m.close().unwrap();
+        let m = open(&fault, true);
+        for b in [0u64, 600, 1500] {
+            assert!(matches!(
+                m.map_read(b * MIB + 10, 100).unwrap(),
+                Extent::Data { .. }
+            ));
+        }
+        assert_eq!(m.map_read(MIB, 10).unwrap(), Extent::Zero { len: 10 });
+    }
+
+    #[test]
+    fn read_only_open_replays_in_memory_without_writing() {
+        let fault = new_image(8 * MIB);
+        let f = fault.host_file(Path::new("t.vhdx"), true);
+        let m = open(&fault, false);
+        write(&m, &f, 3 * MIB, &[5; 4096]);
+        m.flush().unwrap();
+        let dirty = fault.durable();
+        std::mem::forget(m);
+        let ro = FaultFile::new(dirty.clone());
+        let m = VhdxMap::open(ro.host_file(Path::new("t.vhdx"), false), true, 1 << 20).unwrap();
+        assert!(m.log_state.starts_with("dirty"));
+        let Extent::Data { host, .. } = m.map_read(3 * MIB, 4096).unwrap() else {
+            panic!("replayed BAT entry not seen")
+        };
+        let mut buf = vec![0u8; 4096];
+        ro.host_file(Path::new("t.vhdx"), false)
+            .read_exact_at(&mut buf, host)
+            .unwrap();
+        assert_eq!(buf, vec![5; 4096]);
+        assert!(m.map_write(0, 1, &NoBelow).is_err());
+        m.close().unwrap();
+        assert_eq!(ro.write_count(), 0);
+        assert_eq!(ro.contents(), dirty);
+    }
+
+    #[test]
+    fn unmapped_block_is_reused_only_after_flush() {
+        let fault = new_image(4 * MIB);
+        let f = fault.host_file(Path::new("t.vhdx"), true);
+        let m = open(&fault, false);
+        write(&m, &f, 0, &[1; 512]);
+        m.flush().unwrap();
+        let Extent::Data { host: first, .. } = m.map_read(0, 1).unwrap() else {
+            panic!()
+        };
+        assert!(m.write_zeroes(0, MIB, true, &NoBelow).unwrap());
+        write(&m, &f, MIB, &[2; 512]);
+        let Extent::Data { host: second, .. } = m.map_read(MIB, 1).unwrap() else {
+            panic!()
+        };
+        assert_ne!(
+            second, first,
+            "freed block reused before its BAT change was durable"
+        );
+        m.flush().unwrap();
+        write(&m, &f, 2 * MIB + 512, &[3; 512]);
+        let Extent::Data { host: third, .. } = m.map_read(2 * MIB, 1).unwrap() else {
+            panic!()
+        };
+        assert_eq!(third, first, "freed block not reused after the flush");
+        // The reused block reads zeros around the new data.
+        let mut head = vec![9u8; 512];
+        f.read_zerofill(&mut head, third).unwrap();
+        assert_eq!(head, vec![0; 512]);
+    }
+}
