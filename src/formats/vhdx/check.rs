@@ -6,11 +6,10 @@ use crate::error::Result;
 use crate::host::HostFile;
 use crate::image::{CheckReport, Repair};
 
+/// Open the image (replaying a dirty log into the file only when repairing), then walk the
+/// whole BAT: invalid states, blocks inside the header or metadata, past the end of the file,
+/// or used twice.
 pub fn check(file: HostFile, repair: Repair) -> Result<CheckReport> {
-    todo_check(file, repair)
-}
-
-fn todo_check(file: HostFile, repair: Repair) -> Result<CheckReport> {
     let mut r = CheckReport::default();
     let read_only = repair == Repair::None;
     let map = VhdxMap::open(file.clone(), read_only, 4 << 20)?;

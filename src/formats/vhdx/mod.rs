@@ -11,6 +11,7 @@
 //! before the next entry moves the log tail past them).
 
 mod bat;
+mod bitmap;
 mod check;
 mod create;
 mod header;
