@@ -606,3 +606,64 @@ fn chain_of_4k_differencing_images() {
     let got = vhdimount_read(&top, d.path()).expect("vhdimount of the chain");
     assert_same(&got, &want, "vhdimount of the three-level chain");
 }
+
+#[test]
+fn block_size_256m_sparse_round_trip() {
+    let d = tmpdir();
+    let size = 600 * MIB;
+    let img = qemu_create(d.path(), "big.vhdx", "block_size=256M", size);
+    let expect = d.path().join("big.raw");
+    let raw = std::fs::OpenOptions::new()
+        .read(true)
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(&expect)
+        .unwrap();
+    raw.set_len(size).unwrap();
+    use std::os::unix::fs::FileExt;
+    let spots = [
+        (5 * MIB + 3, 70_000usize),
+        (256 * MIB - 1000, 5000),
+        (599 * MIB, 4096),
+    ];
+    for (i, (off, len)) in spots.iter().enumerate() {
+        let data = random_bytes(60 + i as u64, *len);
+        // QEMU writes sector-aligned ranges; put the data where it lands.
+        let aoff = off / 512 * 512;
+        let alen = (*len as u64).div_ceil(512) * 512;
+        let mut padded = data.clone();
+        padded.resize(alen as usize, 0);
+        write_file(d.path(), &format!("p{i}"), &padded);
+        qemu_io(
+            "vhdx",
+            &img,
+            &[&format!(
+                "write -s {} {aoff} {alen}",
+                d.path().join(format!("p{i}")).display()
+            )],
+        );
+        raw.write_all_at(&padded, aoff).unwrap();
+    }
+    {
+        let im = open(&img, false);
+        for (off, len) in spots {
+            let aoff = off / 512 * 512;
+            let mut got = vec![0u8; len];
+            im.read_at(&mut got, aoff).unwrap();
+            let mut want = vec![0u8; len];
+            std::os::unix::fs::FileExt::read_exact_at(&raw, &mut want, aoff).unwrap();
+            assert_same(&got, &want, "256M block read");
+        }
+        for (i, off) in [300 * MIB + 17, 511 * MIB + 999].iter().enumerate() {
+            let data = random_bytes(90 + i as u64, 300_000);
+            im.write_at(&data, *off).unwrap();
+            raw.write_all_at(&data, *off).unwrap();
+        }
+        im.write_zeroes(0, 256 * MIB, true).unwrap();
+        raw.write_all_at(&vec![0u8; 256 << 20], 0).unwrap();
+        im.close().unwrap();
+    }
+    assert_check_clean("vhdx", &img);
+    assert_compare("vhdx", &img, &expect);
+}
