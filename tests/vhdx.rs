@@ -667,3 +667,48 @@ fn block_size_256m_sparse_round_trip() {
     assert_check_clean("vhdx", &img);
     assert_compare("vhdx", &img, &expect);
 }
+
+#[test]
+fn parallel_writers_and_readers() {
+    let d = tmpdir();
+    let size = 32 * MIB;
+    let img = qemu_create(d.path(), "par.vhdx", "block_size=1M", size);
+    let im = std::sync::Arc::new(open(&img, false));
+    let threads: Vec<_> = (0..4u64)
+        .map(|t| {
+            let im = im.clone();
+            std::thread::spawn(move || {
+                let mut rng = imgfs::host::SplitMix64::new(t);
+                // Thread t owns every 4th 64 KiB stripe.
+                let mut mine = vec![];
+                for i in 0..60 {
+                    let stripe = (rng.below(size / (256 << 10)) * 4 + t) * (64 << 10);
+                    let data = random_bytes(t * 1000 + i, 64 << 10);
+                    im.write_at(&data, stripe).unwrap();
+                    mine.push((stripe, data));
+                    if i % 10 == 9 {
+                        im.flush().unwrap();
+                    }
+                    let (off, want) = &mine[rng.below(mine.len() as u64) as usize];
+                    let mut got = vec![0u8; want.len()];
+                    im.read_at(&mut got, *off).unwrap();
+                    // A later write of the same stripe may have replaced it: compare with the last.
+                    let last = mine.iter().rev().find(|(o, _)| o == off).unwrap();
+                    assert_same(&got, &last.1, "parallel read");
+                }
+                mine
+            })
+        })
+        .collect();
+    let mut want = vec![0u8; size as usize];
+    for t in threads {
+        for (off, data) in t.join().unwrap() {
+            want[off as usize..off as usize + data.len()].copy_from_slice(&data);
+        }
+    }
+    assert_same(&engine_read_all(&im), &want, "after parallel writes");
+    im.close().unwrap();
+    drop(im);
+    assert_check_clean("vhdx", &img);
+    assert_same(&qemu_raw(&img), &want, "QEMU after parallel writes");
+}
