@@ -316,6 +316,25 @@ impl VhdxMap {
         self.file.sync()?;
         let file_len = self.file.len()?;
         let dirty = std::mem::take(&mut st.dirty);
+        if let Err(e) = self.log_and_apply(st, guid, file_len, &dirty) {
+            // Keep the changes in memory (and out of the cache) so a retry logs them again.
+            st.dirty = dirty;
+            return Err(e);
+        }
+        let p = std::mem::take(&mut st.pending_free);
+        st.free.extend(p);
+        Ok(())
+    }
+
+    /// Write `dirty` as log entries (as few as fit), each synced before its pages are written
+    /// in place.
+    fn log_and_apply(
+        &self,
+        st: &mut State,
+        guid: Guid,
+        file_len: u64,
+        dirty: &BTreeMap<u64, Vec<u8>>,
+    ) -> Result<()> {
         let pages: Vec<(u64, &[u8])> = dirty.iter().map(|(o, p)| (*o, p.as_slice())).collect();
         let per = log::max_pages(self.log_region.length);
         let chunks: Vec<_> = pages.chunks(per).collect();
@@ -334,15 +353,13 @@ impl VhdxMap {
             st.entries_written += 1;
             self.file.sync()?;
             for (off, p) in chunk.iter() {
-                self.file.write_all_at(p, *off)?;
                 self.cache.discard(*off);
+                self.file.write_all_at(p, *off)?;
             }
             if i + 1 < chunks.len() {
                 self.file.sync()?;
             }
         }
-        let p = std::mem::take(&mut st.pending_free);
-        st.free.extend(p);
         Ok(())
     }
 
@@ -726,5 +743,29 @@ mod tests {
         let mut head = vec![9u8; 512];
         f.read_zerofill(&mut head, third).unwrap();
         assert_eq!(head, vec![0; 512]);
+    }
+
+    #[test]
+    fn failed_flush_keeps_changes_for_a_retry() {
+        let fault = new_image(4 * MIB);
+        let f = fault.host_file(Path::new("t.vhdx"), true);
+        let m = open(&fault, false);
+        write(&m, &f, MIB + 5, &[4; 700]);
+        fault.fail_syncs(true);
+        assert!(m.flush().is_err());
+        assert!(matches!(
+            m.map_read(MIB + 5, 700).unwrap(),
+            Extent::Data { .. }
+        ));
+        fault.fail_syncs(false);
+        m.flush().unwrap();
+        m.close().unwrap();
+        let m = open(&fault, true);
+        let Extent::Data { host, .. } = m.map_read(MIB + 5, 700).unwrap() else {
+            panic!("BAT change lost after a failed flush")
+        };
+        let mut buf = vec![0u8; 700];
+        f.read_exact_at(&mut buf, host).unwrap();
+        assert_eq!(buf, vec![4; 700]);
     }
 }
