@@ -250,16 +250,21 @@ impl VhdxMap {
         Ok(host)
     }
 
-    pub(super) fn alloc(&self, st: &mut State, size: u64) -> (u64, bool) {
+    /// A payload block: a freed one (not zeroed: `false`) or fresh space at the end of the
+    /// file, which reads as zeros (`true`).
+    pub(super) fn alloc(&self, st: &mut State) -> (u64, bool) {
         st.blocks_allocated += 1;
-        if size == self.geo.block_size {
-            if let Some(b) = st.free.pop() {
-                return (b, false);
-            }
+        if let Some(b) = st.free.pop() {
+            return (b, false);
         }
+        (self.alloc_fresh(st, self.geo.block_size), true)
+    }
+
+    /// Fresh space at the 1 MiB-aligned end of the file (sector bitmaps must start zeroed).
+    pub(super) fn alloc_fresh(&self, st: &mut State, size: u64) -> u64 {
         let host = st.alloc_end;
         st.alloc_end += size;
-        (host, true)
+        host
     }
 
     /// First write of the session: new file-write and data-write GUIDs, and a fresh log GUID
@@ -539,13 +544,13 @@ impl BlockMap for VhdxMap {
             let bm = match self.bitmap_block(&st, block)? {
                 Some(b) => b,
                 None => {
-                    let (b, _) = self.alloc(&mut st, MIB);
+                    let b = self.alloc_fresh(&mut st, MIB);
                     let bidx = self.geo.bitmap_index(block / self.geo.chunk_ratio);
                     self.write_entry(&mut st, bidx, bat::entry(bat::SB_PRESENT, b))?;
                     b
                 }
             };
-            let (host, _) = self.alloc(&mut st, bs);
+            let (host, _) = self.alloc(&mut st);
             self.clear_block_bits(&mut st, bm, block)?;
             self.write_entry(&mut st, idx, bat::entry(bat::PARTIALLY_PRESENT, host))?;
             self.write_partial(&mut st, bm, block, host, inb, n, below)?;
@@ -556,7 +561,7 @@ impl BlockMap for VhdxMap {
         let (host, fresh) = if reuse {
             (bat::offset(e), false)
         } else {
-            self.alloc(&mut st, bs)
+            self.alloc(&mut st)
         };
         if !fresh {
             if self.meta.leave_blocks_allocated {
@@ -767,5 +772,48 @@ mod tests {
         let mut buf = vec![0u8; 700];
         f.read_exact_at(&mut buf, host).unwrap();
         assert_eq!(buf, vec![4; 700]);
+    }
+
+    #[test]
+    fn sector_bitmap_never_lands_in_a_freed_block() {
+        let fault = FaultFile::new(vec![]);
+        let f = fault.host_file(Path::new("t.vhdx"), true);
+        let mut details = serde_json::Map::new();
+        details.insert("data_write_guid".into(), Guid([1; 16]).to_braced().into());
+        let opts = CreateOpts {
+            options: [("block_size".to_string(), "1M".to_string())].into(),
+            backing: Some(crate::image::BackingRef {
+                name: "p.vhdx".into(),
+                format: Some("vhdx".into()),
+            }),
+            backing_info: Some(ImageInfo {
+                format: "vhdx",
+                virtual_size: 4 * MIB,
+                cluster_size: MIB,
+                backing: None,
+                details,
+            }),
+            ..CreateOpts::default()
+        };
+        super::super::create::create(&f, &opts).unwrap();
+        let m = open(&fault, false);
+        write(&m, &f, 0, &vec![0xaa; MIB as usize]);
+        m.flush().unwrap();
+        assert!(m.write_zeroes(0, MIB, true, &NoBelow).unwrap());
+        m.flush().unwrap();
+        // Block 1 gets the freed block; its chunk's sector bitmap must be fresh zeroed space.
+        write(&m, &f, MIB + 4096, &[1; 512]);
+        assert_eq!(
+            m.map_read(MIB, 4096).unwrap(),
+            Extent::Backing { len: 4096 }
+        );
+        assert!(matches!(
+            m.map_read(MIB + 4096, 512).unwrap(),
+            Extent::Data { len: 512, .. }
+        ));
+        assert_eq!(
+            m.map_read(MIB + 4608, 100).unwrap(),
+            Extent::Backing { len: 100 }
+        );
     }
 }
