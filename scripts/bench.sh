@@ -29,6 +29,14 @@ results="$work/results.tsv"
 
 log() { printf '%s\n' "$*" >&2; }
 
+# Never leave a mount or a daemon behind, whatever fails.
+cleanup() {
+  "$imgfs" umount "$work/mnt" 2>/dev/null || umount -l "$work/mnt" 2>/dev/null || true
+  [ -f "$work/qsd.pid" ] && kill "$(cat "$work/qsd.pid")" 2>/dev/null || true
+  umount -l "$work/qsd.export" 2>/dev/null || true
+}
+trap cleanup EXIT
+
 # Drop an image's pages from the host page cache, so overwrite cases start cold.
 evict() { python3 -c 'import os,sys
 for p in sys.argv[1:]:
@@ -42,7 +50,7 @@ if [ ! -f "$seed" ] || [ "$(stat -c %s "$seed")" != "$(numfmt --from=iec "$size"
 fi
 make_images() {  # $1=format -> $work/full.$1 (fully allocated, random) and a fresh empty.$1 per use
   local f=${1%-pt}
-  if [ ! -f "$work/full.$f" ]; then
+  if [ ! "$work/full.$f" -nt "$seed" ]; then
     log "converting full image to $f"
     case $f in
       raw) cp --sparse=never "$seed" "$work/full.raw" ;;

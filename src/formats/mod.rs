@@ -7,12 +7,14 @@ pub mod qcow;
 pub mod qcow2;
 pub mod qed;
 pub mod raw;
+pub mod vhdx;
 
 /// Every known format, probed in this order, one per line.
 static FORMATS: &[&dyn Format] = &[
     &qcow2::Qcow2,
     &qcow::Qcow,
     &qed::Qed,
+    &vhdx::Vhdx,
     &raw::Raw, // no magic: must stay last
 ];
 

@@ -1,0 +1,81 @@
+//! `check`: log state and BAT sanity; repair replays the log.
+
+use super::bat;
+use super::map::VhdxMap;
+use crate::error::Result;
+use crate::host::HostFile;
+use crate::image::{CheckReport, Repair};
+
+/// Open the image (replaying a dirty log into the file only when repairing), then walk the
+/// whole BAT: invalid states, blocks inside the header or metadata, past the end of the file,
+/// or used twice.
+pub fn check(file: HostFile, repair: Repair) -> Result<CheckReport> {
+    let mut r = CheckReport::default();
+    let read_only = repair == Repair::None;
+    let map = VhdxMap::open(file.clone(), read_only, 4 << 20)?;
+    if map.log_state != "clean" {
+        r.corruptions += 1;
+        r.messages.push(format!("log: {}", map.log_state));
+        if !read_only {
+            r.corruptions_fixed += 1;
+        }
+    }
+    let file_len = file.len()?;
+    let g = map.geo.clone();
+    let st = map.lock_state();
+    let mut seen = std::collections::HashSet::new();
+    for idx in 0..g.bat_entries {
+        let e = map.read_entry(&st, idx)?;
+        let s = bat::state(e);
+        let is_bm = g.is_bitmap_index(idx);
+        let (len, used) = if is_bm {
+            (super::header::MIB, s == bat::SB_PRESENT)
+        } else {
+            r.total_clusters += 1;
+            let used = matches!(s, bat::FULLY_PRESENT | bat::PARTIALLY_PRESENT);
+            (g.block_size, used)
+        };
+        let bad_state = if is_bm {
+            !matches!(s, bat::NOT_PRESENT | bat::SB_PRESENT)
+        } else {
+            matches!(s, 4 | 5) || (s == bat::PARTIALLY_PRESENT && !g.has_parent)
+        };
+        if bad_state {
+            r.corruptions += 1;
+            r.messages
+                .push(format!("BAT entry {idx}: invalid state {s}"));
+            continue;
+        }
+        if !used {
+            continue;
+        }
+        if !is_bm {
+            r.allocated_clusters += 1;
+        }
+        let host = match map.checked_offset(idx, e, len) {
+            Ok(h) => h,
+            Err(err) => {
+                r.corruptions += 1;
+                r.messages.push(err.to_string());
+                continue;
+            }
+        };
+        if host + len > file_len {
+            r.corruptions += 1;
+            r.messages.push(format!(
+                "BAT entry {idx}: block at {host:#x} ends past the end of the file ({file_len:#x})"
+            ));
+        }
+        if !seen.insert(host) {
+            r.corruptions += 1;
+            r.messages
+                .push(format!("BAT entry {idx}: block at {host:#x} is used twice"));
+        }
+    }
+    drop(st);
+    if !read_only {
+        use crate::image::BlockMap;
+        map.close()?;
+    }
+    Ok(r)
+}
