@@ -190,3 +190,8 @@ fn kill9_qed() {
 fn kill9_qcow() {
     kill_many("qcow", 5);
 }
+
+#[test]
+fn kill9_vhdx() {
+    kill_many("vhdx", 5);
+}

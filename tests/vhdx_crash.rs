@@ -74,6 +74,7 @@ fn work() -> Workload {
         max_write: 1100 << 10,
         discard_pct: 15,
         fsync_pct: 15,
+        ..Workload::default()
     }
 }
 
