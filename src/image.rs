@@ -657,16 +657,54 @@ impl Image {
         self.write_zero_bytes(mid_end, end - mid_end)
     }
 
+    /// Write zero bytes over `[off, off+len)`, skipping runs that already read as zeros (so a
+    /// small discard never allocates a cluster or block that was not there).
     fn write_zero_bytes(&self, off: u64, len: u64) -> Result<()> {
         const CHUNK: u64 = 1 << 20;
-        let zeros = vec![0u8; CHUNK.min(len) as usize];
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(CHUNK);
-            self.write_inner(&zeros[..n as usize], off + done)?;
-            done += n;
+        let mut zeros = Vec::new();
+        let mut pos = off;
+        let end = off + len;
+        while pos < end {
+            let ext = self.map.map_read(pos, end - pos)?;
+            let n = ext.len().clamp(1, end - pos).min(CHUNK);
+            let already_zero = match ext {
+                Extent::Zero { .. } => true,
+                Extent::Backing { .. } => self.below_is_zero(pos, n)?,
+                _ => false,
+            };
+            if !already_zero {
+                zeros.resize(n as usize, 0);
+                self.write_inner(&zeros, pos)?;
+            }
+            pos += n;
         }
         Ok(())
+    }
+
+    /// Does the backing chain show only zeros for `[off, off+len)`? (No backing: yes.)
+    fn below_is_zero(&self, off: u64, len: u64) -> Result<bool> {
+        let Some(b) = &self.backing else {
+            return Ok(true);
+        };
+        if off >= b.size {
+            return Ok(true);
+        }
+        let end = (off + len).min(b.size);
+        let mut pos = off;
+        while pos < end {
+            let ext = b.map.map_read(pos, end - pos)?;
+            let n = ext.len().clamp(1, end - pos);
+            let zero = match ext {
+                Extent::Zero { .. } => true,
+                Extent::Backing { .. } => b.below_is_zero(pos, n)?,
+                _ => false,
+            };
+            if !zero {
+                return Ok(false);
+            }
+            pos += n;
+        }
+        Ok(true)
     }
 
     /// Make everything written so far durable.

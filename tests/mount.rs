@@ -440,3 +440,76 @@ fn directory_of_qcow2_chain_exposes_only_the_top() {
     );
     assert_check_clean("qcow2", &top);
 }
+
+#[test]
+fn small_discards_over_unallocated_space_allocate_nothing() {
+    let t = tmpdir();
+    for (fmt, opts) in [
+        ("vhdx", "block_size=32M"),
+        ("qcow2", "cluster_size=2M"),
+        ("qed", "cluster_size=1M"),
+    ] {
+        let img = t.path().join(format!("d.{fmt}"));
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            fmt,
+            "-o",
+            opts,
+            img.to_str().unwrap(),
+            "256M",
+        ]);
+        let before = std::fs::metadata(&img).unwrap().len();
+        let m = Mount::new(&[&img], &t.path().join("mnt"), &[]);
+        let f = m.file("d.raw");
+        ok(
+            "fallocate",
+            &[
+                "--punch-hole",
+                "-o",
+                "4096",
+                "-l",
+                "8192",
+                f.to_str().unwrap(),
+            ],
+        );
+        ok(
+            "fallocate",
+            &[
+                "--zero-range",
+                "-o",
+                "100000000",
+                "-l",
+                "4096",
+                f.to_str().unwrap(),
+            ],
+        );
+        assert!(m.umount().0);
+        if fmt == "vhdx" {
+            // QEMU's VHDX driver reports every block as data in `qemu-img map`: use the file size
+            // (a 32 MiB block would show).
+            let after = std::fs::metadata(&img).unwrap().len();
+            assert!(
+                after < before + (1 << 20),
+                "vhdx: grew from {before} to {after}"
+            );
+            assert_eq!(qemu_raw(&img), vec![0u8; 256 << 20]);
+            continue;
+        }
+        let map: serde_json::Value =
+            serde_json::from_str(&qemu_img(&["map", "--output=json", img.to_str().unwrap()]))
+                .unwrap();
+        let allocated: Vec<_> = map
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["data"] == true)
+            .collect();
+        assert!(
+            allocated.is_empty(),
+            "{fmt}: a small discard allocated data: {allocated:?}"
+        );
+        assert_eq!(qemu_raw(&img), vec![0u8; 256 << 20], "{fmt}");
+    }
+}
