@@ -175,3 +175,38 @@ fn systemd_unit_verifies() {
         "systemd-analyze verify: {err}"
     );
 }
+
+#[test]
+fn sd_notify_ready_only_once_the_mount_works() {
+    use std::os::unix::net::UnixDatagram;
+    let t = tmpdir();
+    let data = random_bytes(3, 1 << 20);
+    let img = write_file(t.path(), "n.img", &data);
+    let mnt = t.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let _guard = MountGuard(mnt.clone());
+    let sock_path = t.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    let mut child = std::process::Command::new(IMGFS)
+        .args(["mount", "-f", img.to_str().unwrap(), mnt.to_str().unwrap()])
+        .env("NOTIFY_SOCKET", &sock_path)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let n = sock.recv(&mut buf).expect("READY=1 within 20 s");
+    let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(
+        msg.contains("READY=1") && msg.contains(&format!("MAINPID={}", child.id())),
+        "{msg}"
+    );
+    // At READY the file is already there and readable.
+    assert_eq!(std::fs::read(mnt.join("n.raw")).unwrap(), data);
+    ok("kill", &["-TERM", &child.id().to_string()]);
+    let n = sock.recv(&mut buf).expect("STOPPING=1");
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
+    assert!(child.wait().unwrap().success());
+    assert!(!is_mounted(&mnt));
+}
