@@ -272,3 +272,93 @@ fn info_and_snapshot_list_match_qemu() {
         assert_eq!(a[4..6], b[4..6], "date");
     }
 }
+
+#[test]
+fn create_other_formats_pass_qemu_and_check_agrees() {
+    let t = tmpdir();
+    let cases: &[(&str, &str, &str)] = &[
+        ("qed", "cluster_size=64K,table_size=4", "cluster-size"),
+        ("qed", "", "cluster-size"),
+        ("vhdx", "block_size=8M,log_size=1M", "cluster-size"),
+        ("vhdx", "subformat=fixed,block_size=1M", "cluster-size"),
+        ("qcow", "", "cluster-size"),
+        ("raw", "preallocation=falloc", "virtual-size"),
+    ];
+    for (i, &(fmt, opts, _)) in cases.iter().enumerate() {
+        let p = t.path().join(format!("o{i}.{fmt}"));
+        let mut args = vec!["create", "-f", fmt];
+        if !opts.is_empty() {
+            args.extend(["-o", opts]);
+        }
+        args.extend([p.to_str().unwrap(), "48M"]);
+        let (code, _, err) = imgfs(&args);
+        assert_eq!(code, 0, "create {fmt} {opts}: {err}");
+        let info = qemu_info(&p);
+        assert_eq!(info["format"], fmt, "{opts}");
+        assert_eq!(info["virtual-size"], 48 << 20, "{fmt} {opts}");
+        match fmt {
+            "qed" if opts.contains("64K") => assert_eq!(info["cluster-size"], 65536),
+            "vhdx" if opts.contains("8M") => assert_eq!(info["cluster-size"], 8 << 20),
+            _ => {}
+        }
+        if fmt == "qed" || fmt == "vhdx" {
+            assert_check_clean(fmt, &p);
+            let (code, out, _) = imgfs(&["check", p.to_str().unwrap()]);
+            assert_eq!(code, 0, "imgfs check {fmt}: {out}");
+        }
+        qemu_io(fmt, &p, &["write -P 0x21 1M 128k"]);
+        let mut want = vec![0u8; 48 << 20];
+        want[1 << 20..(1 << 20) + (128 << 10)].fill(0x21);
+        assert_eq!(qemu_raw(&p), want, "{fmt} {opts}");
+    }
+}
+
+#[test]
+fn vhdx_differencing_child_from_the_cli() {
+    let t = tmpdir();
+    let parent = t.path().join("parent.vhdx");
+    let child = t.path().join("child.vhdx");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vhdx",
+        "-o",
+        "block_size=1M",
+        parent.to_str().unwrap(),
+        "16M",
+    ]);
+    qemu_io("vhdx", &parent, &["write -P 0x70 0 3M"]);
+    let (code, _, err) = imgfs(&[
+        "create",
+        "-f",
+        "vhdx",
+        "-b",
+        "parent.vhdx",
+        child.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let (_, info, _) = imgfs(&["info", "--json", child.to_str().unwrap()]);
+    let j: Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(j["virtual_size"], 16 << 20);
+    assert_eq!(j["backing_chain"][0]["format"], "vhdx");
+    // Mount the child: parent data shows through; writes land in the child only.
+    let parent_before = std::fs::read(&parent).unwrap();
+    let m = Mount::new(&[&child], &t.path().join("mnt"), &[]);
+    let f = m.file("child.raw");
+    assert_eq!(pread(&f, 0, 4096), vec![0x70; 4096]);
+    pwrite(&f, 1000, &[0x71; 5000]).unwrap();
+    let mut want = vec![0u8; 16 << 20];
+    want[..3 << 20].fill(0x70);
+    want[1000..6000].fill(0x71);
+    assert_same(&std::fs::read(&f).unwrap(), &want, "child through mount");
+    assert!(m.umount().0);
+    assert_eq!(std::fs::read(&parent).unwrap(), parent_before);
+    if run("which", &["vhdiinfo"]).status.success() {
+        let out = ok("vhdiinfo", &[child.to_str().unwrap()]);
+        assert!(
+            out.to_lowercase().contains("differential") || out.contains("Parent"),
+            "{out}"
+        );
+    }
+}
