@@ -3,10 +3,12 @@
 pub mod cache;
 pub mod crashsim;
 pub mod error;
+pub mod format;
 pub mod formats;
 pub mod host;
 pub mod image;
 pub mod lock;
+pub mod policy;
 
 pub use error::{Error, ErrorKind, Result};
 pub use image::{Image, OpenOpts};

@@ -108,7 +108,7 @@ fn image_dir(image: &Path) -> PathBuf {
 
 /// Open the backing file the way a mount will (same name resolution and policy) to learn its size.
 fn open_backing(dir: &Path, name: &str, args: &CreateArgs) -> Result<Image> {
-    let path = crate::image::resolve_named_file(dir, name, args.allow_backing_outside)
+    let path = crate::policy::resolve_named_file(dir, name, args.allow_backing_outside)
         .map_err(|e| e.in_file(&args.image))?;
     let opts = OpenOpts {
         read_only: true,

@@ -1,0 +1,230 @@
+//! The contract between the engine and each image format: a format describes where guest
+//! bytes live (`BlockMap` -> `Extent`) and owns its metadata; the engine does guest-data I/O.
+
+use crate::error::{Error, Result};
+use crate::host::HostFile;
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+/// One run of guest bytes starting at the offset asked for. `len` is never 0 and never more
+/// than was asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Extent {
+    /// Stored in the data file (the image file, or an external data file) at `host`.
+    Data { host: u64, len: u64 },
+    /// Reads as zeros.
+    Zero { len: u64 },
+    /// Not allocated here: read from the backing image at the same guest offset (zeros when
+    /// there is none, or past its end).
+    Backing { len: u64 },
+    /// The format serves these bytes itself through `read_format` (compressed clusters).
+    Format { len: u64 },
+}
+
+impl Extent {
+    pub fn len(&self) -> u64 {
+        match *self {
+            Extent::Data { len, .. }
+            | Extent::Zero { len }
+            | Extent::Backing { len }
+            | Extent::Format { len } => len,
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A backing file as the image header names it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BackingRef {
+    pub name: String,
+    /// Format named by the image (qcow2 backing format extension, QED raw flag...).
+    pub format: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ImageInfo {
+    pub format: &'static str,
+    pub virtual_size: u64,
+    /// Allocation unit (cluster, block); discards are aligned to it.
+    pub cluster_size: u64,
+    pub backing: Option<BackingRef>,
+    /// Format-specific facts for `imgfs info` (version, dirty flags, log state...).
+    pub details: serde_json::Map<String, serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SnapshotInfo {
+    pub id: String,
+    pub name: String,
+    pub virtual_size: u64,
+    pub vm_state_size: u64,
+    pub date_sec: u64,
+    pub date_nsec: u32,
+    pub vm_clock_nsec: u64,
+}
+
+/// Counters a format keeps for `imgfs stats`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct FormatStats {
+    pub cache: crate::cache::CacheStats,
+    pub clusters_allocated: u64,
+    pub log_entries_written: u64,
+    pub log_entries_replayed: u64,
+}
+
+/// What the engine offers a format while it writes: the guest-visible bytes *below* this image
+/// (its backing chain, zeros where there is none), for copy-on-write fills.
+pub trait Below {
+    fn read_below(&self, off: u64, buf: &mut [u8]) -> Result<()>;
+}
+
+/// No backing: everything below reads as zeros.
+pub struct NoBelow;
+impl Below for NoBelow {
+    fn read_below(&self, _off: u64, buf: &mut [u8]) -> Result<()> {
+        buf.fill(0);
+        Ok(())
+    }
+}
+
+/// One image format's map from guest offsets to where the bytes are. Implementations own their
+/// metadata (tables, refcounts, logs) and their locking; they never open other images.
+pub trait BlockMap: Send + Sync {
+    fn info(&self) -> ImageInfo;
+
+    /// Where the guest bytes at `off` live, for at most `len` bytes.
+    fn map_read(&self, off: u64, len: u64) -> Result<Extent>;
+
+    /// Like `map_read`, but for SEEK_DATA/SEEK_HOLE; may say `Zero` for host holes.
+    fn map_status(&self, off: u64, len: u64) -> Result<Extent> {
+        self.map_read(off, len)
+    }
+
+    /// Serve an `Extent::Format` run (decompress, decrypt...).
+    fn read_format(&self, off: u64, _buf: &mut [u8]) -> Result<()> {
+        Err(Error::unsupported("format-served extent not supported").at(off))
+    }
+
+    /// Make `[off, off+len)` writable in place and return where (a `Data` extent, possibly
+    /// shorter than `len`). Allocates as the format requires: the rest of a freshly allocated
+    /// cluster is filled (from `below`, from the old cluster, or zeros) before this returns, so
+    /// the engine only writes the guest bytes.
+    fn map_write(&self, off: u64, len: u64, below: &dyn Below) -> Result<Extent>;
+
+    /// Make a cluster-aligned range read as zeros through metadata, freeing space when `unmap`.
+    /// Returns false when the format cannot express it; the engine then writes zero bytes.
+    fn write_zeroes(&self, off: u64, len: u64, unmap: bool, below: &dyn Below) -> Result<bool>;
+
+    /// Make all completed writes and all metadata durable, in a crash-safe order.
+    fn flush(&self) -> Result<()>;
+
+    /// Flush and mark the image cleanly closed (clear dirty / need-check flags).
+    fn close(&self) -> Result<()> {
+        self.flush()
+    }
+
+    /// The host offset below which `Data` extents can legitimately point: the end of what the
+    /// format has allocated (the file may be shorter until the next flush). A read that starts
+    /// past both the end of the file and this is corruption. None: unknown, read zeros there.
+    fn data_end(&self) -> Option<u64> {
+        None
+    }
+
+    /// The file `Data` extents point into when it is not the image file itself.
+    fn data_file(&self) -> Option<HostFile> {
+        None
+    }
+
+    fn stats(&self) -> FormatStats {
+        FormatStats::default()
+    }
+
+    fn snapshots(&self) -> Vec<SnapshotInfo> {
+        Vec::new()
+    }
+
+    /// A read-only view of an internal snapshot (qcow2).
+    fn open_snapshot(&self, id: &str) -> Result<Box<dyn BlockMap>> {
+        Err(Error::unsupported(format!("no snapshot {id:?}")))
+    }
+}
+
+/// What a format is told when it opens a file.
+pub struct OpenCtx<'a> {
+    pub read_only: bool,
+    /// Metadata cache budget in bytes.
+    pub cache_size: u64,
+    /// Opens a file the image names (e.g. a qcow2 external data file) under the safety policy.
+    pub open_sibling: &'a dyn Fn(&str) -> Result<HostFile>,
+}
+
+/// What `create` is asked for.
+#[derive(Debug, Clone, Default)]
+pub struct CreateOpts {
+    pub size: u64,
+    pub backing: Option<BackingRef>,
+    /// Info of the opened backing image, when there is one.
+    pub backing_info: Option<ImageInfo>,
+    /// `-o key=value` options; a format must refuse keys it does not know.
+    pub options: BTreeMap<String, String>,
+}
+
+/// How much `check` may repair (qemu-img's `-r`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Repair {
+    None,
+    Leaks,
+    All,
+}
+
+/// What `check` found (and fixed), shaped like qemu-img check's report.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CheckReport {
+    /// Structural errors: refcount too low, entries out of range or overlapping metadata...
+    pub corruptions: u64,
+    /// Allocated but unreferenced clusters.
+    pub leaks: u64,
+    pub corruptions_fixed: u64,
+    pub leaks_fixed: u64,
+    pub allocated_clusters: u64,
+    pub total_clusters: u64,
+    /// One line per problem: what and where.
+    pub messages: Vec<String>,
+}
+
+impl CheckReport {
+    /// qemu-img check's exit code: 0 clean, 2 corruptions remain, 3 only leaks remain.
+    pub fn exit_code(&self) -> i32 {
+        if self.corruptions > self.corruptions_fixed {
+            2
+        } else if self.leaks > self.leaks_fixed {
+            3
+        } else {
+            0
+        }
+    }
+}
+
+pub trait Format: Sync {
+    fn name(&self) -> &'static str;
+    /// Does this file start with this format's magic? `head` is the first 4 KiB (or less).
+    fn probe(&self, head: &[u8]) -> bool;
+    fn open(&self, file: HostFile, ctx: &OpenCtx) -> Result<Box<dyn BlockMap>>;
+    /// Check (and with `repair`, fix) an image's metadata. `file` is open read-write when
+    /// repairing, read-only otherwise.
+    fn check(&self, _file: HostFile, _repair: Repair) -> Result<CheckReport> {
+        Err(Error::unsupported(format!(
+            "checking {} images is not supported",
+            self.name()
+        )))
+    }
+    /// Write a new empty image into `file` (already created, empty).
+    fn create(&self, _file: &HostFile, _opts: &CreateOpts) -> Result<()> {
+        Err(Error::unsupported(format!(
+            "creating {} images is not supported",
+            self.name()
+        )))
+    }
+}
