@@ -132,6 +132,12 @@ pub trait BlockMap: Send + Sync {
         None
     }
 
+    /// Called once the backing image is open. A format whose header records which parent it
+    /// was made against (VHDX's parent_linkage) refuses a parent that has changed since.
+    fn check_backing(&self, _backing: &ImageInfo) -> Result<()> {
+        Ok(())
+    }
+
     /// The file `Data` extents point into when it is not the image file itself.
     fn data_file(&self) -> Option<HostFile> {
         None

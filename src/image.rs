@@ -150,6 +150,9 @@ impl Image {
             None => None,
             Some(b) => Some(Arc::new(Self::open_backing(path, &dir, b, opts, depth)?)),
         };
+        if let Some(b) = &backing {
+            map.check_backing(&b.info()).map_err(|e| e.in_file(path))?;
+        }
         let data = map.data_file().unwrap_or_else(|| file.clone());
         Ok(Image {
             path: path.to_path_buf(),

@@ -448,6 +448,31 @@ fn apply_replay(file: &HostFile, headers: &mut Headers, r: log::Replay) -> Resul
 }
 
 impl BlockMap for VhdxMap {
+    /// A differencing image names the data-write GUID its parent had when it was made
+    /// (parent_linkage, or parent_linkage2 after a parent was re-linked); any other parent, or the
+    /// same parent written since, would show the child wrong data.
+    fn check_backing(&self, parent: &ImageInfo) -> Result<()> {
+        let m = &self.meta;
+        let Some(linkage) = m.parent_value("parent_linkage") else {
+            return Ok(());
+        };
+        let Some(parent_guid) = parent
+            .details
+            .get("data_write_guid")
+            .and_then(|v| v.as_str())
+        else {
+            return Ok(());
+        };
+        let matches = |g: Option<&str>| g.is_some_and(|g| g.eq_ignore_ascii_case(parent_guid));
+        if matches(Some(linkage)) || matches(m.parent_value("parent_linkage2")) {
+            return Ok(());
+        }
+        Err(Error::corrupt(format!(
+            "differencing image was made against parent data {linkage}, but its parent now has \
+             {parent_guid}: the parent changed since the child was created"
+        )))
+    }
+
     fn info(&self) -> ImageInfo {
         let st = self.st_lock();
         ImageInfo {
