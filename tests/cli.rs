@@ -361,4 +361,13 @@ fn vhdx_differencing_child_from_the_cli() {
             "{out}"
         );
     }
+    // Writing the parent afterwards gives it a new data-write GUID: the child is refused.
+    qemu_io("vhdx", &parent, &["write -P 0x72 0 4096"]);
+    let e = Mount::try_new(&[&child], &t.path().join("mnt"), &[])
+        .err()
+        .unwrap();
+    assert!(
+        e.contains("parent changed since the child was created"),
+        "{e}"
+    );
 }
