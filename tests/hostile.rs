@@ -73,17 +73,19 @@ const EDGE: [u64; 10] = [
     0x8000_0000_0000_0000,
 ];
 
-fn mutate(rng: &mut SplitMix64, mut b: Vec<u8>) -> Vec<u8> {
+/// `field_span`: where header fields live (the first KiB for qcow/qcow2/QED; VHDX spreads its
+/// headers, region tables, metadata, BAT and log over the first few MiB).
+fn mutate(rng: &mut SplitMix64, mut b: Vec<u8>, field_span: u64) -> Vec<u8> {
     for _ in 0..1 + rng.below(6) {
         let len = b.len() as u64;
         if len < 16 {
             break;
         }
-        let hot = len.min(128 << 10);
+        let hot = len.min(field_span.max(128 << 10));
         match rng.below(10) {
             0..=3 => {
                 // An aligned header/table field set to an edge value, big- or little-endian.
-                let at = rng.below(hot.clamp(8, 1024) - 7) & !3;
+                let at = rng.below(len.min(field_span).max(8) - 7) & !3;
                 let v = match rng.below(3) {
                     0 => EDGE[rng.below(EDGE.len() as u64) as usize],
                     1 => len + rng.below(1 << 20),
@@ -115,6 +117,23 @@ fn mutate(rng: &mut SplitMix64, mut b: Vec<u8>) -> Vec<u8> {
         }
     }
     b
+}
+
+/// Re-seal the CRC-32C of both VHDX headers and region tables so that mutations get past the
+/// checksums into the metadata, BAT and log parsers.
+fn fix_vhdx_checksums(data: &mut [u8]) {
+    for (off, len) in [
+        (64usize << 10, 4096usize),
+        (128 << 10, 4096),
+        (192 << 10, 65536),
+        (256 << 10, 65536),
+    ] {
+        if data.len() >= off + len {
+            data[off + 4..off + 8].fill(0);
+            let crc = crc32c::crc32c(&data[off..off + len]);
+            data[off + 4..off + 8].copy_from_slice(&crc.to_le_bytes());
+        }
+    }
 }
 
 /// Open, read and write what we can; errors are fine, panics are not.
@@ -187,7 +206,11 @@ fn fuzz_format(fmt: &str) {
     for seed in 0..ITERATIONS {
         let mut rng = SplitMix64::new(seed * 7919 + fmt.len() as u64);
         let base = seeds[(seed % seeds.len() as u64) as usize].clone();
-        let bytes = mutate(&mut rng, base);
+        let span = if fmt == "vhdx" { 4 << 20 } else { 1024 };
+        let mut bytes = mutate(&mut rng, base, span);
+        if fmt == "vhdx" && rng.below(4) != 0 {
+            fix_vhdx_checksums(&mut bytes);
+        }
         std::fs::write(&path, &bytes).unwrap();
         current.store(seed, Ordering::SeqCst);
         started.store(epoch.elapsed().as_secs(), Ordering::SeqCst);

@@ -27,3 +27,16 @@ pub fn open_and_read(format: &str, data: &[u8]) {
     }
     let _ = img.seek_data(0);
 }
+
+/// Re-seal the CRC-32C of both VHDX headers (4 KiB at 64 and 128 KiB) and both region tables
+/// (64 KiB at 192 and 256 KiB), so mutations reach the metadata, BAT and log parsers instead of
+/// stopping at a checksum.
+pub fn fix_vhdx_checksums(data: &mut [u8]) {
+    for (off, len) in [(64usize << 10, 4096usize), (128 << 10, 4096), (192 << 10, 65536), (256 << 10, 65536)] {
+        if data.len() >= off + len {
+            data[off + 4..off + 8].fill(0);
+            let crc = crc32c::crc32c(&data[off..off + len]);
+            data[off + 4..off + 8].copy_from_slice(&crc.to_le_bytes());
+        }
+    }
+}
