@@ -17,7 +17,7 @@ done
 [ ${#formats[@]} -gt 0 ] || formats=(raw raw-pt qcow2 vhdx qed)
 size=${BENCH_SIZE:-4G}
 reps=${BENCH_REPS:-3}
-runtime=${BENCH_RUNTIME:-4}
+runtime=${BENCH_RUNTIME:-3}
 if [ $quick = 1 ]; then size=1G; reps=1; runtime=2; fi
 work=${BENCH_DIR:-/var/tmp/imgfs-bench}
 bash scripts/install-deps.sh
