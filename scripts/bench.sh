@@ -131,7 +131,8 @@ for fmt in "${formats[@]}"; do
     for rep in $(seq 1 "$reps"); do
       for kind in imgfs qsd; do
         if [ "$which" = full ]; then img="$work/full.${fmt%-pt}"; else img=$(new_empty "$fmt"); fi
-        [ "$which" = full ] && evict "$img"
+        # Overwrite cases start with the image out of the host page cache; read cases may find it there.
+        [ "$which" = full ] && [[ "$rw" == *write ]] && evict "$img"
         start_server "$kind" "$fmt" "$img"
         out=$(run_fio "$name" "$exposed" "$rw" "$bs" "$jobs")
         rss=$(peak_rss_kib "$server_pid")
