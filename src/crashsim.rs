@@ -43,6 +43,8 @@ pub struct CutResult {
     /// Operations done before the cut, and how many fsyncs completed.
     pub ops_done: usize,
     pub fsyncs: usize,
+    /// Metadata tables evicted from the cache (written back when dirty) before the cut.
+    pub evictions: u64,
 }
 
 /// Run one seeded workload on an image whose initial bytes are `initial`, cut the power, and check
@@ -109,6 +111,7 @@ pub fn run_cut(
         }
         ops_done += 1;
     }
+    let evictions = img.format_stats().cache.evictions;
     let image = fault.crash_image(&mut rng);
     // The crashed bytes are taken; whatever closing `img` writes now goes to the discarded
     // in-memory file. (Forgetting it instead would leak the whole image on every cut.)
@@ -118,6 +121,7 @@ pub fn run_cut(
         image,
         ops_done,
         fsyncs,
+        evictions,
     })
 }
 

@@ -5,7 +5,6 @@
 mod common;
 use common::*;
 use imgfs::crashsim::{self, Workload};
-use imgfs::{Image, OpenOpts};
 use std::path::Path;
 
 const MIB: u64 = 1 << 20;
@@ -114,7 +113,6 @@ fn crash_safety_over_backing() {
 /// at clusters whose copy-on-write fill is durable.
 #[test]
 fn crash_safety_with_evictions() {
-    use imgfs::host::{FaultFile, SplitMix64};
     let dir = tmpdir();
     let size = 16 * MIB as usize;
     let base = dir.path().join("base.raw");
@@ -133,59 +131,26 @@ fn crash_safety_with_evictions() {
         p(&img),
     ]);
     let initial = std::fs::read(&img).unwrap();
-    let open = |f: &std::sync::Arc<FaultFile>, read_only: bool| {
-        let opts = OpenOpts {
-            format: Some("qed".into()),
-            lock: false,
-            read_only,
-            cache_size: 0,
-            ..OpenOpts::default()
-        };
-        Image::open_host(f.host_file(&img, !read_only), &opts).unwrap()
+    // A two-table cache (the smallest): dirty tables are written back by eviction between fsyncs.
+    let work = Workload {
+        ops: 60,
+        max_write: 16_000,
+        discard_pct: 0,
+        fsync_pct: 10,
+        cache_size: 0,
     };
     let mut evictions = 0;
-    for seed in 0..150u64 {
-        let mut rng = SplitMix64::new(seed);
-        let f = FaultFile::new(initial.clone());
-        let image = open(&f, false);
-        let mut model = std::fs::read(&base).unwrap();
-        let mut durable = model.clone();
-        let mut unsure: Vec<(usize, usize)> = Vec::new();
-        for _ in 0..rng.below(60) {
-            if rng.below(100) < 10 {
-                image.flush().unwrap();
-                durable.copy_from_slice(&model);
-                unsure.clear();
-                continue;
-            }
-            let off = rng.below(size as u64 - 20_000) as usize;
-            let len = 1 + rng.below(16_000) as usize;
-            let b = random_bytes(rng.next_u64(), len);
-            image.write_at(&b, off as u64).unwrap();
-            model[off..off + len].copy_from_slice(&b);
-            unsure.push((off, len));
-        }
-        evictions += image.format_stats().cache.evictions;
-        let crashed = f.crash_image(&mut rng);
-        drop(image); // the crashed bytes are taken; closing writes only to the discarded file
-        for read_only in [true, false] {
-            let image = open(&FaultFile::new(crashed.clone()), read_only);
-            let mut got = engine_read_all(&image);
-            for &(off, len) in &unsure {
-                got[off..off + len].copy_from_slice(&durable[off..off + len]);
-            }
-            assert!(
-                got == durable,
-                "seed {seed} read_only={read_only}: fsync'd data lost"
-            );
-            image.close().unwrap();
-        }
-        if seed % 10 == 0 {
+    let n = crashsim::run_many(&initial, &img, "qed", 0..150, &work, |seed, cut| {
+        evictions += cut.evictions;
+        if seed % 30 == 0 {
             let c = dir.path().join("c.qed");
-            std::fs::write(&c, &crashed).unwrap();
+            std::fs::write(&c, &cut.image).unwrap();
             let (code, out) = qemu_check("qed", &c);
             assert!(code == 0 || code == 3, "seed {seed}: {out}");
         }
-    }
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(n, 150);
     assert!(evictions > 100, "only {evictions} evictions");
 }
