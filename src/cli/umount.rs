@@ -37,7 +37,7 @@ pub fn run(args: UmountArgs) -> i32 {
             return 1;
         }
     };
-    if let Err(e) = daemon::unmount(mp, args.lazy) {
+    if let Err(e) = unmount_retrying(mp, args.lazy) {
         if e.raw_os_error() == Some(libc::EBUSY) {
             eprintln!(
                 "imgfs: {}: busy (open files or loop devices); close them or use --lazy",
@@ -58,6 +58,20 @@ pub fn run(args: UmountArgs) -> i32 {
             1
         }
     }
+}
+
+/// umount2, retrying a busy mount for up to a second: a file closed a moment ago, or inherited
+/// for an instant by a child between fork and exec, keeps the mount busy only briefly.
+fn unmount_retrying(mp: &std::path::Path, lazy: bool) -> std::io::Result<()> {
+    for _ in 0..20 {
+        match daemon::unmount(mp, lazy) {
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            other => return other,
+        }
+    }
+    daemon::unmount(mp, lazy)
 }
 
 /// The daemon publishes its pid as the `user.imgfs.pid` xattr of the mount's root.
