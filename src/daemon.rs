@@ -252,6 +252,7 @@ pub fn mount_fuse(m: &FuseMount) -> std::io::Result<std::os::fd::OwnedFd> {
         flags |= libc::MS_RDONLY;
     }
     let inval = || std::io::Error::from_raw_os_error(libc::EINVAL);
+    // The kernel splits mount data on commas.
     let source = CString::new(m.source.replace(',', "_")).map_err(|_| inval())?;
     let target = CString::new(m.mountpoint.as_os_str().as_bytes()).map_err(|_| inval())?;
     let fstype = c"fuse.imgfs";

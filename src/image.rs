@@ -107,7 +107,7 @@ impl Image {
     fn open_at_depth(path: &Path, opts: &OpenOpts, depth: usize) -> Result<Image> {
         let file = HostFile::open(path, !opts.read_only)?;
         if opts.lock {
-            lock::acquire(&file, lock_mode(opts.read_only))?;
+            lock::acquire(&file, LockMode::for_access(!opts.read_only))?;
         }
         Self::open_host_at_depth(file, opts, depth)
     }
@@ -133,7 +133,7 @@ impl Image {
                 .map_err(|e| e.in_file(path))?;
             let f = HostFile::open(&p, !opts.read_only)?;
             if opts.lock {
-                lock::acquire(&f, lock_mode(opts.read_only))?;
+                lock::acquire(&f, LockMode::for_access(!opts.read_only))?;
             }
             Ok(f)
         };
@@ -153,22 +153,44 @@ impl Image {
         if let Some(b) = &backing {
             map.check_backing(&b.info()).map_err(|e| e.in_file(path))?;
         }
-        let data = map.data_file().unwrap_or_else(|| file.clone());
-        Ok(Image {
-            path: path.to_path_buf(),
+        let probed_raw = probed && format.name() == "raw";
+        Ok(Self::assemble(
+            path,
             file,
-            data,
-            format: format.name(),
+            map,
+            format.name(),
             backing,
-            read_only: opts.read_only,
-            probed_raw: probed && format.name() == "raw",
+            opts.read_only,
+            probed_raw,
+        ))
+    }
+
+    /// Put an open image together; `Data` extents go to the format's data file, if it has one.
+    fn assemble(
+        path: &Path,
+        file: HostFile,
+        map: Box<dyn BlockMap>,
+        format: &'static str,
+        backing: Option<Arc<Image>>,
+        read_only: bool,
+        probed_raw: bool,
+    ) -> Image {
+        let info = map.info();
+        Image {
+            path: path.to_path_buf(),
+            data: map.data_file().unwrap_or_else(|| file.clone()),
+            file,
+            format,
+            backing,
+            read_only,
+            probed_raw,
             degraded: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             size: info.virtual_size,
             granule: info.cluster_size.max(1),
             map,
             stats: IoStats::default(),
-        })
+        }
     }
 
     fn open_backing(
@@ -201,22 +223,16 @@ impl Image {
     /// A read-only image showing internal snapshot `id` over the same backing chain.
     pub fn open_snapshot(&self, id: &str) -> Result<Image> {
         let map = self.map.open_snapshot(id)?;
-        let info = map.info();
-        Ok(Image {
-            path: self.path.clone(),
-            file: self.file.clone(),
-            data: map.data_file().unwrap_or_else(|| self.data.clone()),
-            format: self.format,
-            backing: self.backing.clone(),
-            read_only: true,
-            probed_raw: false,
-            degraded: AtomicBool::new(false),
-            closed: AtomicBool::new(false),
-            size: info.virtual_size,
-            granule: info.cluster_size.max(1),
+        let backing = self.backing.clone();
+        Ok(Self::assemble(
+            &self.path,
+            self.file.clone(),
             map,
-            stats: IoStats::default(),
-        })
+            self.format,
+            backing,
+            true,
+            false,
+        ))
     }
 
     pub fn path(&self) -> &Path {
@@ -320,7 +336,7 @@ impl Image {
             match ext {
                 Extent::Data { host, .. } => self.read_data(part, host, pos)?,
                 Extent::Zero { .. } => part.fill(0),
-                Extent::Backing { .. } => self.read_below(pos, part)?,
+                Extent::Backing { .. } => Below::read_below(self, pos, part)?,
                 Extent::Format { .. } => self.map.read_format(pos, part)?,
             }
             done += n;
@@ -594,25 +610,11 @@ impl Below for Image {
     }
 }
 
-impl Image {
-    fn read_below(&self, off: u64, buf: &mut [u8]) -> Result<()> {
-        Below::read_below(self, off, buf)
-    }
-}
-
 impl Drop for Image {
     fn drop(&mut self) {
         if let Err(e) = self.close() {
             log::error!("closing {}: {e}", self.path.display());
         }
-    }
-}
-
-fn lock_mode(read_only: bool) -> LockMode {
-    if read_only {
-        LockMode::Read
-    } else {
-        LockMode::Write
     }
 }
 

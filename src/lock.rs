@@ -33,6 +33,15 @@ pub enum LockMode {
 }
 
 impl LockMode {
+    /// The lock for opening an image writable or read-only.
+    pub fn for_access(writable: bool) -> LockMode {
+        if writable {
+            LockMode::Write
+        } else {
+            LockMode::Read
+        }
+    }
+
     fn perms(self) -> u32 {
         match self {
             LockMode::Read => 1 << PERM_READ,

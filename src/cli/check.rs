@@ -32,12 +32,7 @@ pub fn run(args: CheckArgs) -> i32 {
     let writable = repair != Repair::None;
     let _bar = crate::progress::Bar::start(if writable { "repairing" } else { "checking" });
     let result = HostFile::open(&args.image, writable).and_then(|file| {
-        let mode = if writable {
-            LockMode::Write
-        } else {
-            LockMode::Read
-        };
-        lock::acquire(&file, mode)?;
+        lock::acquire(&file, LockMode::for_access(writable))?;
         let format = match &args.format {
             Some(f) => formats::by_name(f)?,
             None => {

@@ -148,12 +148,11 @@ fn check_mountpoint(mp: &Path) -> Result<()> {
 }
 
 fn fs_name(files: &[PathBuf]) -> String {
-    let first = files
+    // Shown as the mount's source; mount_fuse makes it safe for the kernel's option string.
+    files
         .first()
         .map(|p| p.display().to_string())
-        .unwrap_or_default();
-    // The kernel splits mount options on commas.
-    first.replace(',', "_")
+        .unwrap_or_default()
 }
 
 /// Files named directly, plus the image files directly inside named directories. Inside a
