@@ -364,27 +364,7 @@ fn garbage_tables_never_panic() {
             };
             b[at..at + 8].copy_from_slice(&v.to_be_bytes());
         }
-        for read_only in [true, false] {
-            let f = imgfs::host::FaultFile::new(b.clone());
-            let opts = OpenOpts {
-                format: Some("qcow".into()),
-                lock: false,
-                read_only,
-                ..OpenOpts::default()
-            };
-            let Ok(image) = Image::open_host(f.host_file(&img, !read_only), &opts) else {
-                continue;
-            };
-            let mut buf = vec![0u8; 64 << 10];
-            for off in (0..2 * MIB).step_by(64 << 10) {
-                let _ = image.read_at(&mut buf, off);
-            }
-            if !read_only {
-                let _ = image.write_at(&[seed as u8; 5000], seed * 40_000);
-                let _ = image.write_zeroes(0, 64 << 10, true);
-                let _ = image.close();
-            }
-        }
+        exercise_damaged(&b, &img, "qcow", 2 * MIB, 64 << 10, seed, seed * 40_000);
     }
 }
 

@@ -561,27 +561,7 @@ fn garbage_tables_never_panic() {
         if seed % 2 == 0 {
             b[16] |= 0x02; // NEED_CHECK: repaired on a read-write open, lenient read-only
         }
-        for read_only in [true, false] {
-            let f = imgfs::host::FaultFile::new(b.clone());
-            let opts = OpenOpts {
-                format: Some("qed".into()),
-                lock: false,
-                read_only,
-                ..OpenOpts::default()
-            };
-            let Ok(image) = Image::open_host(f.host_file(&img, !read_only), &opts) else {
-                continue;
-            };
-            let mut buf = vec![0u8; 256 << 10];
-            for off in (0..8 * MIB).step_by(256 << 10) {
-                let _ = image.read_at(&mut buf, off);
-            }
-            if !read_only {
-                let _ = image.write_at(&[seed as u8; 5000], seed * 100_000);
-                let _ = image.write_zeroes(0, 64 << 10, true);
-                let _ = image.close();
-            }
-        }
+        exercise_damaged(&b, &img, "qed", 8 * MIB, 256 << 10, seed, seed * 100_000);
     }
 }
 

@@ -330,3 +330,37 @@ pub fn wait_until(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
     }
     cond()
 }
+
+/// Open a (damaged) image from memory, read-only and read-write, read `span` bytes in `chunk`
+/// pieces, then write and zero a little and close. Errors are fine; a panic fails the test.
+pub fn exercise_damaged(
+    bytes: &[u8],
+    name: &Path,
+    fmt: &str,
+    span: u64,
+    chunk: usize,
+    seed: u64,
+    write_off: u64,
+) {
+    for read_only in [true, false] {
+        let f = imgfs::host::FaultFile::new(bytes.to_vec());
+        let opts = imgfs::OpenOpts {
+            format: Some(fmt.into()),
+            lock: false,
+            read_only,
+            ..imgfs::OpenOpts::default()
+        };
+        let Ok(image) = imgfs::Image::open_host(f.host_file(name, !read_only), &opts) else {
+            continue;
+        };
+        let mut buf = vec![0u8; chunk];
+        for off in (0..span).step_by(chunk) {
+            let _ = image.read_at(&mut buf, off);
+        }
+        if !read_only {
+            let _ = image.write_at(&[seed as u8; 5000], write_off);
+            let _ = image.write_zeroes(0, 64 << 10, true);
+            let _ = image.close();
+        }
+    }
+}
