@@ -240,9 +240,10 @@ pub fn mount_fuse(m: &FuseMount) -> std::io::Result<std::os::fd::OwnedFd> {
     // SAFETY: getuid/getgid cannot fail and touch no memory.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     let mut data = format!(
-        "fd={},rootmode={:o},user_id={uid},group_id={gid},default_permissions",
+        "fd={},rootmode={:o},user_id={uid},group_id={gid},default_permissions,max_read={}",
         dev.as_raw_fd(),
-        meta.mode() & libc::S_IFMT
+        meta.mode() & libc::S_IFMT,
+        crate::fuse::MAX_READ
     );
     if m.allow_other {
         data.push_str(",allow_other");

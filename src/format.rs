@@ -78,6 +78,19 @@ pub struct FormatStats {
 /// (its backing chain, zeros where there is none), for copy-on-write fills.
 pub trait Below {
     fn read_below(&self, off: u64, buf: &mut [u8]) -> Result<()>;
+
+    /// True when `read_below` would return only zeros for `len` bytes at `off` (no backing
+    /// file there), so a caller can skip reading and writing them.
+    fn zeros_below(&self, _off: u64, _len: u64) -> bool {
+        false
+    }
+}
+
+/// Whether `buf` holds only zero bytes (word at a time; this runs on every allocating write).
+pub fn is_zero(buf: &[u8]) -> bool {
+    // SAFETY: every bit pattern is a valid u128.
+    let (head, words, tail) = unsafe { buf.align_to::<u128>() };
+    head.iter().all(|&b| b == 0) && tail.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0)
 }
 
 /// No backing: everything below reads as zeros.
@@ -86,6 +99,10 @@ impl Below for NoBelow {
     fn read_below(&self, _off: u64, buf: &mut [u8]) -> Result<()> {
         buf.fill(0);
         Ok(())
+    }
+
+    fn zeros_below(&self, _off: u64, _len: u64) -> bool {
+        true
     }
 }
 

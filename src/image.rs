@@ -608,6 +608,10 @@ impl Below for Image {
             }
         }
     }
+
+    fn zeros_below(&self, off: u64, _len: u64) -> bool {
+        self.backing.as_ref().is_none_or(|b| off >= b.size)
+    }
 }
 
 impl Drop for Image {

@@ -20,6 +20,7 @@ pub mod header;
 
 use crate::cache::{TableCache, TableIo};
 use crate::error::{Error, Result};
+use crate::format::is_zero;
 use crate::host::HostFile;
 use crate::image::{
     BackingRef, Below, BlockMap, CheckReport, CreateOpts, Extent, Format, FormatStats, ImageInfo,
@@ -350,10 +351,14 @@ impl QcowMap {
         if len == 0 {
             return Ok(());
         }
+        let past_end = host >= self.file.len()?;
+        if past_end && below.zeros_below(guest, len) {
+            return Ok(());
+        }
         let mut buf = vec![0u8; len as usize];
         let inside = self.hdr.virtual_size().saturating_sub(guest).min(len) as usize;
         below.read_below(guest, &mut buf[..inside])?;
-        if buf.iter().all(|&b| b == 0) && host >= self.file.len()? {
+        if past_end && is_zero(&buf) {
             return Ok(());
         }
         self.file.write_all_at(&buf, host)

@@ -19,6 +19,7 @@ use super::map::{
 };
 use super::Qcow2Map;
 use crate::error::{Error, Result};
+use crate::format::is_zero;
 use crate::image::{Below, Extent};
 
 enum Src<'a> {
@@ -199,13 +200,21 @@ fn fill(
         if s >= e {
             continue;
         }
+        let zeros = match src {
+            Src::Zeros => true,
+            Src::Below => below.zeros_below(guest + s, e - s),
+            Src::Bytes(_) => false,
+        };
+        if known_zero && zeros {
+            continue;
+        }
         let mut buf = vec![0u8; (e - s) as usize];
         match src {
-            Src::Below => below.read_below(guest + s, &mut buf)?,
-            Src::Zeros => {}
+            Src::Below if !zeros => below.read_below(guest + s, &mut buf)?,
             Src::Bytes(b) => buf.copy_from_slice(&b[s as usize..e as usize]),
+            _ => {}
         }
-        if known_zero && buf.iter().all(|&b| b == 0) {
+        if known_zero && is_zero(&buf) {
             continue;
         }
         map.m.data.write_all_at(&buf, host + s)?;

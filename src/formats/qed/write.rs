@@ -11,6 +11,7 @@
 use super::table::{self, Entry};
 use super::{Alloc, QedMap};
 use crate::error::Result;
+use crate::format::is_zero;
 use crate::image::{Below, Extent};
 use std::sync::atomic::Ordering;
 
@@ -96,12 +97,16 @@ impl QedMap {
         if len == 0 {
             return Ok(());
         }
+        let zeros = kind != Entry::Unalloc || below.zeros_below(guest, len);
+        if host >= a.file_len && zeros {
+            return Ok(());
+        }
         let mut buf = vec![0u8; len as usize];
-        if kind == Entry::Unalloc {
+        if !zeros {
             let inside = self.hdr.image_size.saturating_sub(guest).min(len) as usize;
             below.read_below(guest, &mut buf[..inside])?;
         }
-        if host >= a.file_len && buf.iter().all(|&b| b == 0) {
+        if host >= a.file_len && is_zero(&buf) {
             return Ok(());
         }
         self.file.write_all_at(&buf, host)

@@ -275,7 +275,7 @@ pub fn build_entry(e: &NewEntry) -> Vec<u8> {
     let mut di = desc_sectors as usize;
     for (i, (off, page)) in e.pages.iter().enumerate() {
         let d = 64 + 32 * i;
-        let zero = page.iter().all(|&x| x == 0);
+        let zero = crate::format::is_zero(page);
         if zero {
             b[d..d + 4].copy_from_slice(b"zero");
             b[d + 8..d + 16].copy_from_slice(&SECTOR.to_le_bytes());
