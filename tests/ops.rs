@@ -210,3 +210,73 @@ fn sd_notify_ready_only_once_the_mount_works() {
     assert!(child.wait().unwrap().success());
     assert!(!is_mounted(&mnt));
 }
+
+/// O_DIRECT openers get the kernel's direct-I/O path (FOPEN_DIRECT_IO): their writes, split
+/// into several parallel requests, must still be seen by a buffered reader that cached the
+/// range before, and such a file may still be mapped shared.
+#[test]
+fn direct_io_opens_stay_coherent_with_buffered_readers_and_mmap() {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    use std::os::unix::io::AsRawFd;
+    let t = tmpdir();
+    let img = t.path().join("d.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "16M"]);
+    let m = Mount::new(&[&img], &t.path().join("mnt"), &[]);
+    let f = m.file("d.raw");
+    let buffered = std::fs::File::open(&f).unwrap();
+    let mut cached = vec![1u8; 4 << 20];
+    buffered.read_exact_at(&mut cached, 0).unwrap();
+    assert!(cached.iter().all(|&b| b == 0));
+
+    let direct = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&f)
+        .unwrap();
+    let data = random_bytes(7, (1 << 20) + (128 << 10));
+    let mut big = vec![0u8; data.len() + 4096];
+    let a = big.as_ptr().align_offset(4096);
+    let window = &mut big[a..a + data.len()];
+    window.copy_from_slice(&data);
+    // 1 MiB + 128 KiB at 64 KiB: more than one request's worth, unaligned to clusters.
+    direct.write_all_at(window, 64 << 10).unwrap();
+    let mut want = vec![0u8; 4 << 20];
+    want[64 << 10..(64 << 10) + data.len()].copy_from_slice(&data);
+    buffered.read_exact_at(&mut cached, 0).unwrap();
+    assert_same(&cached, &want, "buffered read after O_DIRECT write");
+
+    // SAFETY: a fresh shared mapping of 8 KiB of an open file, unmapped below.
+    let map = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            8192,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            direct.as_raw_fd(),
+            3 << 20,
+        )
+    };
+    assert_ne!(map, libc::MAP_FAILED, "{}", std::io::Error::last_os_error());
+    // SAFETY: `map` is a live 8 KiB mapping.
+    unsafe {
+        std::ptr::write_bytes(map as *mut u8, 0xab, 8192);
+        assert_eq!(libc::msync(map, 8192, libc::MS_SYNC), 0);
+        libc::munmap(map, 8192);
+    }
+    want[3 << 20..(3 << 20) + 8192].fill(0xab);
+    let mut back = vec![0u8; 4 << 20];
+    let mut big = vec![0u8; (4 << 20) + 4096];
+    let a = big.as_ptr().align_offset(4096);
+    direct.read_exact_at(&mut big[a..a + (4 << 20)], 0).unwrap();
+    back.copy_from_slice(&big[a..a + (4 << 20)]);
+    assert_same(&back, &want, "O_DIRECT read after mmap write");
+    buffered.read_exact_at(&mut cached, 0).unwrap();
+    assert_same(&cached, &want, "buffered read after mmap write");
+    drop((buffered, direct));
+    let (clean, log) = m.umount();
+    assert!(clean, "{log}");
+    assert_check_clean("qcow2", &img);
+    want.resize(16 << 20, 0);
+    assert_same(&qemu_raw(&img), &want, "qemu-img convert after umount");
+}

@@ -211,6 +211,8 @@ impl Filesystem for ImgFs {
         // Split large direct I/O into parallel requests (parallel direct writes are asked for
         // per open file with FOPEN_PARALLEL_DIRECT_WRITES).
         let _ = config.add_capabilities(InitFlags::FUSE_ASYNC_DIO);
+        // Direct-I/O opens (O_DIRECT openers) may still mmap the file.
+        let _ = config.add_capabilities(InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP);
         if self.passthrough {
             if config
                 .add_capabilities(InitFlags::FUSE_PASSTHROUGH)
@@ -280,6 +282,7 @@ impl Filesystem for ImgFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let flags_in = flags;
         let image = match self.image(ino) {
             Ok(i) => i,
             Err(e) => return reply.error(e),
@@ -290,9 +293,16 @@ impl Filesystem for ImgFs {
         }
         // We are the only writer of the image, so cached pages stay valid across opens; close()
         // needs no FLUSH round trip (durability comes from fsync).
-        let flags = FopenFlags::FOPEN_KEEP_CACHE
+        let mut flags = FopenFlags::FOPEN_KEEP_CACHE
             | FopenFlags::FOPEN_NOFLUSH
             | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES;
+        // An O_DIRECT opener gets the kernel's direct-I/O file path: only there do parallel
+        // direct writes apply and the per-write page-cache flush is skipped (random 4 KiB
+        // O_DIRECT writes ran 2x faster). The kernel still invalidates cached pages that
+        // other openers hold for the written range (tested in tests/ops.rs).
+        if flags_in.0 & libc::O_DIRECT != 0 {
+            flags |= FopenFlags::FOPEN_DIRECT_IO;
+        }
         let host = image.passthrough_file().and_then(|f| f.raw_fd());
         match host.filter(|_| self.passthrough) {
             None => reply.opened(FileHandle(0), flags),
