@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Side-by-side benchmark: imgfs vs qemu-storage-daemon's FUSE export on the same images, interleaved A/B,
 # median of N repeats, plus the host-file O_DIRECT limit, mount-to-first-read and exit times for 16 TiB
-# images, and daemon peak RSS. Usage: scripts/bench.sh [--quick] [FORMAT...]   (default: raw qcow2 vhdx qed)
+# images, and daemon peak RSS. Usage: scripts/bench.sh [--quick] [FORMAT...]   (default: raw qcow2 vhdx qed;
+# add raw-pt for raw images served with FUSE passthrough). The fio jobs are scripts/fio/*.fio.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -13,11 +14,11 @@ for a in "$@"; do
     *) formats+=("$a") ;;
   esac
 done
-# raw-pt: the raw images again, served by imgfs with FUSE passthrough (qsd has no such mode).
-[ ${#formats[@]} -gt 0 ] || formats=(raw raw-pt qcow2 vhdx qed)
+# raw-pt (on request): the raw images again, served by imgfs with FUSE passthrough (qsd has none).
+[ ${#formats[@]} -gt 0 ] || formats=(raw qcow2 vhdx qed)
 size=${BENCH_SIZE:-4G}
 reps=${BENCH_REPS:-3}
-runtime=${BENCH_RUNTIME:-3}
+runtime=${BENCH_RUNTIME:-2}
 if [ $quick = 1 ]; then size=1G; reps=1; runtime=2; fi
 work=${BENCH_DIR:-/var/tmp/imgfs-bench}
 bash scripts/install-deps.sh
@@ -37,6 +38,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# Read an image into the host page cache, so read cases measure the servers, not the disk.
+warm() { cat "$@" > /dev/null; }
 # Drop an image's pages from the host page cache, so overwrite cases start cold.
 evict() { python3 -c 'import os,sys
 for p in sys.argv[1:]:
@@ -102,39 +105,33 @@ stop_server() {
 peak_rss_kib() { awk '/VmHWM/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
 
 # --- fio -----------------------------------------------------------------------------------------------
-# run_fio NAME FILE RW BS JOBS -> prints MB/s and IOPS
+jobs="$root/scripts/fio"
+cases=(seqread seqwrite-alloc seqwrite-over randread randwrite-alloc randwrite-over)
+# run_fio CASE FILE -> prints MB/s and IOPS (reads + writes)
 run_fio() {
-  local name=$1 file=$2 rw=$3 bs=$4 jobs=$5
-  fio --name="$name" --filename="$file" --rw="$rw" --bs="$bs" --numjobs="$jobs" --ioengine=psync \
-      --iodepth=1 --direct=1 --time_based --runtime="$runtime" --size="$size" --group_reporting \
-      --randrepeat=0 --norandommap --output-format=json 2>/dev/null |
+  FILE=$2 SIZE=$size RUNTIME=$runtime fio --output-format=json "$jobs/$1.fio" 2>/dev/null |
     python3 -c 'import json,sys
 j=json.load(sys.stdin)["jobs"][0]
 bw=(j["read"]["bw_bytes"]+j["write"]["bw_bytes"])/1e6
 iops=j["read"]["iops"]+j["write"]["iops"]
 print(f"{bw:.1f}\t{iops:.0f}")'
 }
+image_kind() { sed -n 's/^# bench-image: //p' "$jobs/$1.fio"; }
 
-cases=(
-  "seqread|read|1M|1|full"
-  "seqwrite-alloc|write|1M|1|empty"
-  "seqwrite-over|write|1M|1|full"
-  "randread|randread|4k|4|full"
-  "randwrite-alloc|randwrite|4k|1|empty"
-  "randwrite-over|randwrite|4k|1|full"
-)
-
+t_start=$(date +%s)
 for fmt in "${formats[@]}"; do
   make_images "$fmt"
-  for c in "${cases[@]}"; do
-    IFS='|' read -r name rw bs jobs which <<<"$c"
+  for name in "${cases[@]}"; do
+    which=$(image_kind "$name")
+    # Read cases find the image in the host page cache (for both servers alike).
+    [[ $name == *read ]] && warm "$work/full.${fmt%-pt}"
     for rep in $(seq 1 "$reps"); do
       for kind in imgfs qsd; do
         if [ "$which" = full ]; then img="$work/full.${fmt%-pt}"; else img=$(new_empty "$fmt"); fi
-        # Overwrite cases start with the image out of the host page cache; read cases may find it there.
-        [ "$which" = full ] && [[ "$rw" == *write ]] && evict "$img"
+        # Overwrite cases start with the image out of the host page cache.
+        [ "$which" = full ] && [[ $name == *write* ]] && evict "$img"
         start_server "$kind" "$fmt" "$img"
-        out=$(run_fio "$name" "$exposed" "$rw" "$bs" "$jobs")
+        out=$(run_fio "$name" "$exposed")
         rss=$(peak_rss_kib "$server_pid")
         stop_server "$kind"
         printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$fmt" "$name" "$kind" "$rep" "$out" "$rss" >> "$results"
@@ -145,11 +142,11 @@ for fmt in "${formats[@]}"; do
 done
 
 # Host-file limit: the same jobs straight on a raw file with O_DIRECT.
-cp --sparse=never "$seed" "$work/host.raw" 2>/dev/null || true
-for c in "${cases[@]}"; do
-  IFS='|' read -r name rw bs jobs which <<<"$c"
+[ "$(stat -c %s "$work/host.raw" 2>/dev/null)" = "$(stat -c %s "$seed")" ] ||
+  cp --sparse=never "$seed" "$work/host.raw"
+for name in "${cases[@]}"; do
   for rep in $(seq 1 "$reps"); do
-    out=$(run_fio "$name" "$work/host.raw" "$rw" "$bs" "$jobs")
+    out=$(run_fio "$name" "$work/host.raw")
     printf 'host\t%s\thost\t%s\t%s\t0\n' "$name" "$rep" "$out" >> "$results"
   done
 done
@@ -176,4 +173,5 @@ for fmt in qcow2 vhdx; do
   done
 done
 
+log "fio cases took $(( $(date +%s) - t_start )) s"
 python3 "$root/scripts/bench_report.py" "$results" "$startup"
