@@ -70,6 +70,20 @@ pub struct IoStats {
     pub errors: AtomicU64,
 }
 
+/// One run of a planned read (`Image::read_plan`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadPiece {
+    /// `len` bytes of the open host file `fd` at `off` (if the file ends first, the reader
+    /// falls back to `Image::read_at`, which knows whether that means zeros or corruption).
+    Host {
+        fd: std::os::fd::RawFd,
+        off: u64,
+        len: usize,
+    },
+    /// `len` zero bytes.
+    Zero(usize),
+}
+
 /// An open image with its backing chain: what the FUSE layer reads and writes.
 pub struct Image {
     path: PathBuf,
@@ -314,12 +328,58 @@ impl Image {
     /// Read guest bytes. The range must lie inside the virtual size.
     pub fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
         self.check_range(off, buf.len() as u64)?;
+        self.count_read(buf.len());
+        self.read_inner(buf, off)
+            .map_err(|e| self.failed("read", off, e))
+    }
+
+    /// Count a read in the image's statistics (`read_at` does; a spliced read calls this).
+    pub(crate) fn count_read(&self, len: usize) {
         self.stats.reads.fetch_add(1, Ordering::Relaxed);
         self.stats
             .bytes_read
-            .fetch_add(buf.len() as u64, Ordering::Relaxed);
-        self.read_inner(buf, off)
-            .map_err(|e| self.failed("read", off, e))
+            .fetch_add(len as u64, Ordering::Relaxed);
+    }
+
+    /// Describe the guest bytes `off..off+len` as runs of this image's data file and zeros,
+    /// without reading them, for a reader that moves pages instead of copying (splice).
+    /// `None` when some part needs `read_at` instead (backing data, compressed or encrypted
+    /// clusters, a host file without a descriptor, any mapping error, which `read_at` then
+    /// reports). The pieces are only valid until the next write to the range.
+    pub fn read_plan(&self, off: u64, len: usize, plan: &mut Vec<ReadPiece>) -> Option<()> {
+        plan.clear();
+        self.check_range(off, len as u64).ok()?;
+        let fd = self.data.raw_fd()?;
+        let mut done = 0usize;
+        while done < len {
+            let pos = off + done as u64;
+            let want = (len - done) as u64;
+            let ext = self.map.map_read(pos, want).ok()?;
+            let n = ext.len().min(want) as usize;
+            if n == 0 {
+                return None;
+            }
+            let piece = match ext {
+                Extent::Data { host, .. } => ReadPiece::Host {
+                    fd,
+                    off: host,
+                    len: n,
+                },
+                Extent::Zero { .. } => ReadPiece::Zero(n),
+                Extent::Backing { .. } if self.zeros_below(pos, n as u64) => ReadPiece::Zero(n),
+                Extent::Backing { .. } | Extent::Format { .. } => return None,
+            };
+            match (plan.last_mut(), piece) {
+                (
+                    Some(ReadPiece::Host { off: o, len: l, .. }),
+                    ReadPiece::Host { off: h, len: m, .. },
+                ) if *o + *l as u64 == h => *l += m,
+                (Some(ReadPiece::Zero(l)), ReadPiece::Zero(m)) => *l += m,
+                (_, p) => plan.push(p),
+            }
+            done += n;
+        }
+        Some(())
     }
 
     fn read_inner(&self, buf: &mut [u8], off: u64) -> Result<()> {

@@ -3,6 +3,7 @@
 //! cloned /dev/fuse fd each) with per-thread reusable buffers.
 
 pub mod dir;
+mod splice;
 
 use crate::error::Error;
 use crate::image::Image;
@@ -35,6 +36,8 @@ pub const MAX_READAHEAD: u32 = 1 << 20;
 thread_local! {
     /// One read buffer per worker thread, reused across requests.
     static READ_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    /// One read plan per worker thread, reused across spliced reads.
+    static PLAN: RefCell<Vec<crate::image::ReadPiece>> = const { RefCell::new(Vec::new()) };
 }
 
 pub struct ImgFs {
@@ -203,6 +206,31 @@ fn reply_xattr(reply: ReplyXattr, size: u32, data: &[u8]) {
     }
 }
 
+impl ImgFs {
+    /// Send a large read by splicing it from the image file; false when it must be copied.
+    fn try_splice(&self, image: &Image, offset: u64, n: usize, reply: &ReplyData) -> bool {
+        let Some((dev, unique)) = reply.device_target() else {
+            return false;
+        };
+        PLAN.with(|plan| {
+            let mut plan = plan.borrow_mut();
+            if image.read_plan(offset, n, &mut plan).is_none() {
+                return false;
+            }
+            match splice::reply(dev, unique, &plan, n) {
+                Ok(()) => {
+                    image.count_read(n);
+                    true
+                }
+                Err(e) => {
+                    log::debug!("spliced read of {}: {e}; copying", image.path().display());
+                    false
+                }
+            }
+        })
+    }
+}
+
 impl Filesystem for ImgFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_write(MAX_WRITE);
@@ -350,6 +378,9 @@ impl Filesystem for ImgFs {
             return reply.data(&[]);
         }
         let n = (end - offset) as usize;
+        if n >= splice::MIN_SPLICE && self.try_splice(&image, offset, n, &reply) {
+            return reply.sent_by_caller();
+        }
         READ_BUF.with(|buf| {
             let mut buf = buf.borrow_mut();
             if buf.len() < n {
