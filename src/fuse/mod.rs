@@ -378,7 +378,7 @@ impl Filesystem for ImgFs {
             return reply.data(&[]);
         }
         let n = (end - offset) as usize;
-        if n >= splice::MIN_SPLICE && self.try_splice(&image, offset, n, &reply) {
+        if n >= splice::MIN_SPLICE && self.try_splice(image, offset, n, &reply) {
             return reply.sent_by_caller();
         }
         READ_BUF.with(|buf| {
