@@ -88,9 +88,9 @@ pub trait Below {
 
 /// Whether `buf` holds only zero bytes (word at a time; this runs on every allocating write).
 pub fn is_zero(buf: &[u8]) -> bool {
-    // SAFETY: every bit pattern is a valid u128.
-    let (head, words, tail) = unsafe { buf.align_to::<u128>() };
-    head.iter().all(|&b| b == 0) && tail.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0)
+    let mut words = buf.chunks_exact(16);
+    words.all(|w| u128::from_ne_bytes(w.try_into().expect("16-byte chunk")) == 0)
+        && words.remainder().iter().all(|&b| b == 0)
 }
 
 /// No backing: everything below reads as zeros.
@@ -249,5 +249,22 @@ pub trait Format: Sync {
             "creating {} images is not supported",
             self.name()
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_zero;
+
+    #[test]
+    fn is_zero_sees_a_single_byte_anywhere() {
+        let mut buf = vec![0u8; 4099];
+        assert!(is_zero(&buf) && is_zero(&buf[1..]) && is_zero(&[]));
+        for i in [0, 15, 16, 17, 4095, 4096, 4098] {
+            buf[i] = 1;
+            assert!(!is_zero(&buf), "byte {i}");
+            assert!(!is_zero(&buf[i..]), "from {i}");
+            buf[i] = 0;
+        }
     }
 }

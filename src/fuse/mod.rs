@@ -309,13 +309,12 @@ impl Filesystem for ImgFs {
         reply.attr(&Duration::from_secs(1), &self.attr(node));
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let flags_in = flags;
+    fn open(&self, _req: &Request, ino: INodeNo, open_flags: OpenFlags, reply: ReplyOpen) {
         let image = match self.image(ino) {
             Ok(i) => i,
             Err(e) => return reply.error(e),
         };
-        let wants_write = flags.acc_mode() != OpenAccMode::O_RDONLY;
+        let wants_write = open_flags.acc_mode() != OpenAccMode::O_RDONLY;
         if wants_write && (image.is_read_only() || image.is_degraded()) {
             return reply.error(Errno::EROFS);
         }
@@ -328,7 +327,7 @@ impl Filesystem for ImgFs {
         // direct writes apply and the per-write page-cache flush is skipped (random 4 KiB
         // O_DIRECT writes ran 2x faster). The kernel still invalidates cached pages that
         // other openers hold for the written range (tested in tests/ops.rs).
-        if flags_in.0 & libc::O_DIRECT != 0 {
+        if open_flags.0 & libc::O_DIRECT != 0 {
             flags |= FopenFlags::FOPEN_DIRECT_IO;
         }
         let host = image.passthrough_file().and_then(|f| f.raw_fd());
