@@ -84,6 +84,26 @@ pub enum ReadPiece {
     Zero(usize),
 }
 
+/// Append a piece to a read plan, merging it into the last one when they are contiguous.
+fn push_piece(plan: &mut Vec<ReadPiece>, piece: ReadPiece) {
+    match (plan.last_mut(), piece) {
+        (
+            Some(ReadPiece::Host {
+                fd: f,
+                off: o,
+                len: l,
+            }),
+            ReadPiece::Host {
+                fd: g,
+                off: h,
+                len: m,
+            },
+        ) if *f == g && *o + *l as u64 == h => *l += m,
+        (Some(ReadPiece::Zero(l)), ReadPiece::Zero(m)) => *l += m,
+        (_, p) => plan.push(p),
+    }
+}
+
 /// An open image with its backing chain: what the FUSE layer reads and writes.
 pub struct Image {
     path: PathBuf,
@@ -341,67 +361,86 @@ impl Image {
             .fetch_add(len as u64, Ordering::Relaxed);
     }
 
-    /// Describe the guest bytes `off..off+len` as runs of this image's data file and zeros,
-    /// without reading them, for a reader that moves pages instead of copying (splice).
-    /// `None` when some part needs `read_at` instead (backing data, compressed or encrypted
-    /// clusters, a host file without a descriptor, any mapping error, which `read_at` then
-    /// reports). The pieces are only valid until the next write to the range.
+    /// Describe the guest bytes `off..off+len` as runs of host files (this image's or a
+    /// backing image's) and zeros, without reading them, for a reader that moves pages instead
+    /// of copying (splice). `None` when some part needs `read_at` instead (compressed or
+    /// encrypted clusters, a host file without a descriptor, any mapping error, which
+    /// `read_at` then reports). The pieces are only valid until the next write to the range.
     pub fn read_plan(&self, off: u64, len: usize, plan: &mut Vec<ReadPiece>) -> Option<()> {
         plan.clear();
         self.check_range(off, len as u64).ok()?;
-        let fd = self.data.raw_fd()?;
+        self.plan_into(off, len, plan).ok()
+    }
+
+    fn plan_into(&self, off: u64, len: usize, plan: &mut Vec<ReadPiece>) -> Result<()> {
+        let not_plannable = || Error::unsupported("read needs copying");
+        let fd = self.data.raw_fd().ok_or_else(not_plannable)?;
+        self.walk_extents(off, len, |pos, n, ext| {
+            match ext {
+                Extent::Data { host, .. } => push_piece(
+                    plan,
+                    ReadPiece::Host {
+                        fd,
+                        off: host,
+                        len: n,
+                    },
+                ),
+                Extent::Zero { .. } => push_piece(plan, ReadPiece::Zero(n)),
+                Extent::Backing { .. } => {
+                    // As `read_below`: the backing image's bytes, zeros past its end.
+                    let inside = self
+                        .backing
+                        .as_ref()
+                        .map_or(0, |b| b.size.saturating_sub(pos).min(n as u64) as usize);
+                    if let Some(b) = self.backing.as_ref().filter(|_| inside > 0) {
+                        b.plan_into(pos, inside, plan)?;
+                    }
+                    if inside < n {
+                        push_piece(plan, ReadPiece::Zero(n - inside));
+                    }
+                }
+                Extent::Format { .. } => return Err(not_plannable()),
+            }
+            Ok(())
+        })
+    }
+
+    /// The one walk over the extents of a guest range: `f(pos, n, extent)` for each run, in
+    /// order, each as long as the block map says (clipped to the range).
+    fn walk_extents(
+        &self,
+        off: u64,
+        len: usize,
+        mut f: impl FnMut(u64, usize, Extent) -> Result<()>,
+    ) -> Result<()> {
         let mut done = 0usize;
         while done < len {
             let pos = off + done as u64;
             let want = (len - done) as u64;
-            let ext = self.map.map_read(pos, want).ok()?;
-            let n = ext.len().min(want) as usize;
-            if n == 0 {
-                return None;
-            }
-            let piece = match ext {
-                Extent::Data { host, .. } => ReadPiece::Host {
-                    fd,
-                    off: host,
-                    len: n,
-                },
-                Extent::Zero { .. } => ReadPiece::Zero(n),
-                Extent::Backing { .. } if self.zeros_below(pos, n as u64) => ReadPiece::Zero(n),
-                Extent::Backing { .. } | Extent::Format { .. } => return None,
-            };
-            match (plan.last_mut(), piece) {
-                (
-                    Some(ReadPiece::Host { off: o, len: l, .. }),
-                    ReadPiece::Host { off: h, len: m, .. },
-                ) if *o + *l as u64 == h => *l += m,
-                (Some(ReadPiece::Zero(l)), ReadPiece::Zero(m)) => *l += m,
-                (_, p) => plan.push(p),
-            }
-            done += n;
-        }
-        Some(())
-    }
-
-    fn read_inner(&self, buf: &mut [u8], off: u64) -> Result<()> {
-        let mut done = 0usize;
-        while done < buf.len() {
-            let pos = off + done as u64;
-            let want = (buf.len() - done) as u64;
             let ext = self.map.map_read(pos, want)?;
             let n = ext.len().min(want) as usize;
             if n == 0 {
                 return Err(Error::corrupt("block map returned an empty extent").at(pos));
             }
-            let part = &mut buf[done..done + n];
-            match ext {
-                Extent::Data { host, .. } => self.read_data(part, host, pos)?,
-                Extent::Zero { .. } => part.fill(0),
-                Extent::Backing { .. } => Below::read_below(self, pos, part)?,
-                Extent::Format { .. } => self.map.read_format(pos, part)?,
-            }
+            f(pos, n, ext)?;
             done += n;
         }
         Ok(())
+    }
+
+    fn read_inner(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        self.walk_extents(off, buf.len(), |pos, n, ext| {
+            let part = &mut buf[(pos - off) as usize..][..n];
+            match ext {
+                Extent::Data { host, .. } => self.read_data(part, host, pos),
+                Extent::Zero { .. } => {
+                    part.fill(0);
+                    Ok(())
+                }
+                Extent::Backing { .. } => Below::read_below(self, pos, part),
+                Extent::Format { .. } => self.map.read_format(pos, part),
+            }
+        })
     }
 
     /// Read a `Data` extent. Past the end of the file reads zeros (a freshly allocated cluster

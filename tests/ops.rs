@@ -281,9 +281,9 @@ fn direct_io_opens_stay_coherent_with_buffered_readers_and_mmap() {
     assert_same(&qemu_raw(&img), &want, "qemu-img convert after umount");
 }
 
-/// Large reads are spliced from the image file (data and zero runs) or, where that cannot work
-/// (backing data, compressed clusters, data past the end of the file), copied: every mix must
-/// read exactly what QEMU reads, through O_DIRECT and buffered opens alike.
+/// Large reads are spliced from the image files (data of the image and its backing file, zero
+/// runs) or, where that cannot work (compressed clusters, data past the end of the file),
+/// copied: every mix must read exactly what QEMU reads, through O_DIRECT and buffered opens.
 #[test]
 fn large_reads_mixing_data_zeros_backing_and_compressed_match_qemu() {
     use std::os::unix::fs::{FileExt, OpenOptionsExt};

@@ -207,7 +207,7 @@ fn reply_xattr(reply: ReplyXattr, size: u32, data: &[u8]) {
 }
 
 impl ImgFs {
-    /// Send a large read by splicing it from the image file; false when it must be copied.
+    /// Send a large read by splicing it from the image's files; false when it must be copied.
     fn try_splice(&self, image: &Image, offset: u64, n: usize, reply: &ReplyData) -> bool {
         let Some((dev, unique)) = reply.device_target() else {
             return false;

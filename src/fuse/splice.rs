@@ -1,7 +1,7 @@
 //! Read replies spliced from the image file into the FUSE device: the kernel moves page-cache
 //! page references into a per-thread pipe and copies once, into the reader's buffer, instead of
 //! copying into our buffer and again out of it. Used for large reads whose bytes all sit in the
-//! image's own data file or are zeros (`Image::read_plan`); anything else takes the copy path.
+//! files of the image's chain or are zeros (`Image::read_plan`); anything else is copied.
 
 use crate::image::ReadPiece;
 use std::cell::RefCell;
