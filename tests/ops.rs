@@ -116,25 +116,14 @@ fn stats_command_counts_a_known_workload() {
     let m = Mount::new(&[&img], &t.path().join("mnt"), &[]);
     let f = m.file("s.raw");
     {
-        use std::os::unix::fs::{FileExt, OpenOptionsExt};
-        let fh = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(&f)
-            .unwrap();
-        let mut buf = vec![0u8; 65536];
-        // O_DIRECT needs an aligned buffer: take an aligned window of a larger one.
-        let mut big = vec![7u8; 65536 + 4096];
-        let a = big.as_ptr().align_offset(4096);
+        let fh = open_direct(&f, true);
         for i in 0..10u64 {
-            fh.write_all_at(&big[a..a + 65536], i * 65536).unwrap();
+            direct_write(&fh, i * 65536, &[7u8; 65536]);
         }
         for i in 0..4u64 {
-            fh.read_exact_at(&mut big[a..a + 65536], i * 65536).unwrap();
+            direct_read(&fh, i * 65536, 65536);
         }
         fh.sync_all().unwrap();
-        buf.clear();
     }
     let out = ok(IMGFS, &["stats", "--json", m.dir.to_str().unwrap()]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -216,7 +205,7 @@ fn sd_notify_ready_only_once_the_mount_works() {
 /// range before, and such a file may still be mapped shared.
 #[test]
 fn direct_io_opens_stay_coherent_with_buffered_readers_and_mmap() {
-    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    use std::os::unix::fs::FileExt;
     use std::os::unix::io::AsRawFd;
     let t = tmpdir();
     let img = t.path().join("d.qcow2");
@@ -228,19 +217,10 @@ fn direct_io_opens_stay_coherent_with_buffered_readers_and_mmap() {
     buffered.read_exact_at(&mut cached, 0).unwrap();
     assert!(cached.iter().all(|&b| b == 0));
 
-    let direct = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(&f)
-        .unwrap();
+    let direct = open_direct(&f, true);
     let data = random_bytes(7, (1 << 20) + (128 << 10));
-    let mut big = vec![0u8; data.len() + 4096];
-    let a = big.as_ptr().align_offset(4096);
-    let window = &mut big[a..a + data.len()];
-    window.copy_from_slice(&data);
     // 1 MiB + 128 KiB at 64 KiB: more than one request's worth, unaligned to clusters.
-    direct.write_all_at(window, 64 << 10).unwrap();
+    direct_write(&direct, 64 << 10, &data);
     let mut want = vec![0u8; 4 << 20];
     want[64 << 10..(64 << 10) + data.len()].copy_from_slice(&data);
     buffered.read_exact_at(&mut cached, 0).unwrap();
@@ -265,11 +245,7 @@ fn direct_io_opens_stay_coherent_with_buffered_readers_and_mmap() {
         libc::munmap(map, 8192);
     }
     want[3 << 20..(3 << 20) + 8192].fill(0xab);
-    let mut back = vec![0u8; 4 << 20];
-    let mut big = vec![0u8; (4 << 20) + 4096];
-    let a = big.as_ptr().align_offset(4096);
-    direct.read_exact_at(&mut big[a..a + (4 << 20)], 0).unwrap();
-    back.copy_from_slice(&big[a..a + (4 << 20)]);
+    let back = direct_read(&direct, 0, 4 << 20);
     assert_same(&back, &want, "O_DIRECT read after mmap write");
     buffered.read_exact_at(&mut cached, 0).unwrap();
     assert_same(&cached, &want, "buffered read after mmap write");
@@ -286,7 +262,6 @@ fn direct_io_opens_stay_coherent_with_buffered_readers_and_mmap() {
 /// copied: every mix must read exactly what QEMU reads, through O_DIRECT and buffered opens.
 #[test]
 fn large_reads_mixing_data_zeros_backing_and_compressed_match_qemu() {
-    use std::os::unix::fs::{FileExt, OpenOptionsExt};
     let t = tmpdir();
     let base = t.path().join("base.qcow2");
     let img = t.path().join("top.qcow2");
@@ -312,22 +287,13 @@ fn large_reads_mixing_data_zeros_backing_and_compressed_match_qemu() {
     let want = qemu_raw(&img);
     let m = Mount::new(&[&img], &t.path().join("mnt"), &[]);
     let f = m.file("top.raw");
-    let direct = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(&f)
-        .unwrap();
-    let mut big = vec![0u8; (1 << 20) + 4096];
-    let a = big.as_ptr().align_offset(4096);
+    let direct = open_direct(&f, false);
     for chunk in [1usize << 20, 256 << 10, 68 << 10] {
         let mut got = Vec::with_capacity(want.len());
         let mut off = 0;
         while off < want.len() {
             let n = chunk.min(want.len() - off);
-            direct
-                .read_exact_at(&mut big[a..a + n], off as u64)
-                .unwrap();
-            got.extend_from_slice(&big[a..a + n]);
+            got.extend_from_slice(&direct_read(&direct, off as u64, n));
             off += n;
         }
         assert_same(&got, &want, &format!("O_DIRECT reads of {chunk} bytes"));

@@ -295,6 +295,43 @@ pub fn pwrite(path: &Path, off: u64, data: &[u8]) -> std::io::Result<()> {
     f.sync_all()
 }
 
+/// Open `path` with O_DIRECT, read-write when `write`.
+pub fn open_direct(path: &Path, write: bool) -> std::fs::File {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .unwrap()
+}
+
+/// O_DIRECT needs an aligned buffer: an aligned window of `len` bytes in a larger one.
+fn aligned_window(big: &mut Vec<u8>, len: usize) -> &mut [u8] {
+    big.clear();
+    big.resize(len + 4096, 0);
+    let a = big.as_ptr().align_offset(4096);
+    &mut big[a..a + len]
+}
+
+/// Read `len` bytes at `off` from an O_DIRECT file.
+pub fn direct_read(f: &std::fs::File, off: u64, len: usize) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let mut big = Vec::new();
+    let window = aligned_window(&mut big, len);
+    f.read_exact_at(window, off).unwrap();
+    window.to_vec()
+}
+
+/// Write `data` at `off` to an O_DIRECT file.
+pub fn direct_write(f: &std::fs::File, off: u64, data: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let mut big = Vec::new();
+    let window = aligned_window(&mut big, data.len());
+    window.copy_from_slice(data);
+    f.write_all_at(window, off).unwrap();
+}
+
 /// Is any thread of `pid` still running? After SIGKILL the group leader can be a zombie while
 /// another thread still finishes a system call (and still holds the process's files and locks).
 pub fn process_alive(pid: i32) -> bool {
