@@ -86,6 +86,56 @@ pub trait Below {
     }
 }
 
+/// What a newly used cluster's bytes outside a write are filled with (copy-on-write).
+pub enum Fill<'a> {
+    Zeros,
+    /// The backing chain's bytes at guest offset `guest`: `inside` bytes of them (the rest,
+    /// past the virtual disk, zeros).
+    Below {
+        below: &'a dyn Below,
+        guest: u64,
+        inside: usize,
+    },
+    /// These bytes (the cluster's old contents).
+    Bytes(&'a [u8]),
+}
+
+/// Write `len` bytes of `fill` at `host` in `file`. When `host_zero` (the host file reads zeros
+/// there already: the range lies past its end) zeros are neither built nor written.
+pub fn write_fill(
+    file: &HostFile,
+    host: u64,
+    len: usize,
+    fill: Fill,
+    host_zero: bool,
+) -> Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    let zeros = match fill {
+        Fill::Zeros => true,
+        Fill::Below { below, guest, .. } => below.zeros_below(guest, len as u64),
+        Fill::Bytes(_) => false,
+    };
+    if host_zero && zeros {
+        return Ok(());
+    }
+    let mut buf = vec![0u8; len];
+    match fill {
+        Fill::Below {
+            below,
+            guest,
+            inside,
+        } if !zeros => below.read_below(guest, &mut buf[..inside.min(len)])?,
+        Fill::Bytes(b) => buf.copy_from_slice(&b[..len]),
+        _ => {}
+    }
+    if host_zero && is_zero(&buf) {
+        return Ok(());
+    }
+    file.write_all_at(&buf, host)
+}
+
 /// Whether `buf` holds only zero bytes (word at a time; this runs on every allocating write).
 pub fn is_zero(buf: &[u8]) -> bool {
     let mut words = buf.chunks_exact(16);

@@ -20,7 +20,7 @@ pub mod header;
 
 use crate::cache::{TableCache, TableIo};
 use crate::error::{Error, Result};
-use crate::format::is_zero;
+use crate::format::{write_fill, Fill};
 use crate::host::HostFile;
 use crate::image::{
     BackingRef, Below, BlockMap, CheckReport, CreateOpts, Extent, Format, FormatStats, ImageInfo,
@@ -348,20 +348,18 @@ impl QcowMap {
     }
 
     fn fill(&self, host: u64, guest: u64, len: u64, below: &dyn Below) -> Result<()> {
-        if len == 0 {
-            return Ok(());
-        }
-        let past_end = host >= self.file.len()?;
-        if past_end && below.zeros_below(guest, len) {
-            return Ok(());
-        }
-        let mut buf = vec![0u8; len as usize];
-        let inside = self.hdr.virtual_size().saturating_sub(guest).min(len) as usize;
-        below.read_below(guest, &mut buf[..inside])?;
-        if past_end && is_zero(&buf) {
-            return Ok(());
-        }
-        self.file.write_all_at(&buf, host)
+        let fill = Fill::Below {
+            below,
+            guest,
+            inside: self.hdr.virtual_size().saturating_sub(guest).min(len) as usize,
+        };
+        write_fill(
+            &self.file,
+            host,
+            len as usize,
+            fill,
+            host >= self.file.len()?,
+        )
     }
 
     fn flush_locked(&self) -> Result<()> {

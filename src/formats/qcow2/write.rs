@@ -19,7 +19,7 @@ use super::map::{
 };
 use super::Qcow2Map;
 use crate::error::{Error, Result};
-use crate::format::is_zero;
+use crate::format::{write_fill, Fill};
 use crate::image::{Below, Extent};
 
 enum Src<'a> {
@@ -200,24 +200,17 @@ fn fill(
         if s >= e {
             continue;
         }
-        let zeros = match src {
-            Src::Zeros => true,
-            Src::Below => below.zeros_below(guest + s, e - s),
-            Src::Bytes(_) => false,
+        let len = (e - s) as usize;
+        let fill = match src {
+            Src::Zeros => Fill::Zeros,
+            Src::Below => Fill::Below {
+                below,
+                guest: guest + s,
+                inside: len,
+            },
+            Src::Bytes(b) => Fill::Bytes(&b[s as usize..e as usize]),
         };
-        if known_zero && zeros {
-            continue;
-        }
-        let mut buf = vec![0u8; (e - s) as usize];
-        match src {
-            Src::Below if !zeros => below.read_below(guest + s, &mut buf)?,
-            Src::Bytes(b) => buf.copy_from_slice(&b[s as usize..e as usize]),
-            _ => {}
-        }
-        if known_zero && is_zero(&buf) {
-            continue;
-        }
-        map.m.data.write_all_at(&buf, host + s)?;
+        write_fill(&map.m.data, host + s, len, fill, known_zero)?;
     }
     Ok(())
 }

@@ -11,7 +11,7 @@
 use super::table::{self, Entry};
 use super::{Alloc, QedMap};
 use crate::error::Result;
-use crate::format::is_zero;
+use crate::format::{write_fill, Fill};
 use crate::image::{Below, Extent};
 use std::sync::atomic::Ordering;
 
@@ -94,22 +94,16 @@ impl QedMap {
         kind: Entry,
         below: &dyn Below,
     ) -> Result<()> {
-        if len == 0 {
-            return Ok(());
-        }
-        let zeros = kind != Entry::Unalloc || below.zeros_below(guest, len);
-        if host >= a.file_len && zeros {
-            return Ok(());
-        }
-        let mut buf = vec![0u8; len as usize];
-        if !zeros {
-            let inside = self.hdr.image_size.saturating_sub(guest).min(len) as usize;
-            below.read_below(guest, &mut buf[..inside])?;
-        }
-        if host >= a.file_len && is_zero(&buf) {
-            return Ok(());
-        }
-        self.file.write_all_at(&buf, host)
+        let fill = if kind == Entry::Unalloc {
+            Fill::Below {
+                below,
+                guest,
+                inside: self.hdr.image_size.saturating_sub(guest).min(len) as usize,
+            }
+        } else {
+            Fill::Zeros
+        };
+        write_fill(&self.file, host, len as usize, fill, host >= a.file_len)
     }
 
     /// The L2 table for `off`, allocating a zeroed one at the end of the file when needed.
