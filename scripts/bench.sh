@@ -93,8 +93,8 @@ start_server() {
     server_pid=$(cat "$work/qsd.pid")
   fi
 }
-stop_server() {
-  local kind=$1
+stop_server() {  # $1=imgfs|qsd $2=image
+  local kind=$1 img=$2
   if [ "$kind" = imgfs ]; then
     "$imgfs" umount "$work/mnt"
   else
@@ -136,7 +136,7 @@ for fmt in "${formats[@]}"; do
         start_server "$kind" "$fmt" "$img"
         out=$(run_fio "$name" "$exposed")
         rss=$(peak_rss_kib "$server_pid")
-        stop_server "$kind"
+        stop_server "$kind" "$img"
         printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$fmt" "$name" "$kind" "$rep" "$out" "$rss" >> "$results"
         log "$fmt $name $kind #$rep: $out (rss ${rss} KiB)"
       done
