@@ -303,3 +303,53 @@ fn large_reads_mixing_data_zeros_backing_and_compressed_match_qemu() {
     let (clean, log) = m.umount();
     assert!(clean, "{log}");
 }
+
+/// CPU time (user + system, in clock ticks) a process has used so far.
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// Workers poll for the next request only briefly (`--poll-us`): an idle daemon, right after a
+/// burst of requests, uses no CPU. `--poll-us 0` (never poll) serves I/O the same way, and an
+/// out-of-range value is refused with a clear message.
+#[test]
+fn polling_workers_go_idle_and_poll_us_is_checked() {
+    let t = tmpdir();
+    let data = random_bytes(7, 4 << 20);
+    let img = write_file(t.path(), "disk.img", &data);
+    let mut want = data;
+    for (round, poll) in ["30", "0", "1000"].into_iter().enumerate() {
+        let m = Mount::new(&[&img], &t.path().join("mnt"), &["--poll-us", poll]);
+        let f = m.file("disk.raw");
+        let direct = open_direct(&f, true);
+        for i in 0..256usize {
+            let block = random_bytes((round * 1000 + i) as u64, 4096);
+            let off = i * (16 << 10);
+            want[off..off + 4096].copy_from_slice(&block);
+            direct_write(&direct, off as u64, &block);
+            assert_same(&direct_read(&direct, off as u64, 4096), &block, "read back");
+        }
+        let pid = m.pid();
+        let before = cpu_ticks(pid);
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        let used = cpu_ticks(pid) - before;
+        // One tick is 10 ms: a worker still polling would use about 100 in this second.
+        assert!(
+            used <= 5,
+            "--poll-us {poll}: idle daemon used {used} ticks in 1 s"
+        );
+        drop(direct);
+        assert_same(&std::fs::read(&f).unwrap(), &want, "contents");
+        let (clean, log) = m.umount();
+        assert!(clean, "{log}");
+    }
+    assert_same(&std::fs::read(&img).unwrap(), &want, "image file");
+    let err = Mount::try_new(&[&img], &t.path().join("mnt"), &["--poll-us", "5000"])
+        .err()
+        .expect("--poll-us 5000 must be refused");
+    assert!(err.contains("--poll-us must be at most 1000"), "{err}");
+}

@@ -67,6 +67,7 @@ pub fn translate(args: &[OsString]) -> Result<HelperCall, String> {
             ("format", Some(v)) => out.extend(["--format".into(), v.into()]),
             ("cache_size", Some(v)) => out.extend(["--cache-size".into(), v.into()]),
             ("threads", Some(v)) => out.extend(["--threads".into(), v.into()]),
+            ("poll_us", Some(v)) => out.extend(["--poll-us".into(), v.into()]),
             // Generic options that mount(8), systemd or the kernel handle, or that we always apply.
             (
                 "rw"

@@ -29,6 +29,12 @@ pub struct MountArgs {
     /// FUSE worker threads.
     #[arg(long, default_value_t = 4)]
     pub threads: usize,
+    /// Microseconds a worker polls for the next request before it sleeps (0, the default: never).
+    /// Saves the wake-up of a sleeping thread on each request of a queue-depth-1 workload (30:
+    /// +15-50% 4 KiB random-write IOPS here) for at most this much CPU after each request, which
+    /// costs CPU-bound loads (4 random readers on 2 cores: 5-10% fewer IOPS).
+    #[arg(long, default_value_t = 0)]
+    pub poll_us: u64,
     /// Metadata cache size per image (e.g. 4M, 64M).
     #[arg(long, value_parser = super::parse_size)]
     pub cache_size: Option<u64>,
@@ -68,6 +74,9 @@ fn mount(args: &MountArgs) -> Result<i32> {
     check_mountpoint(mountpoint)?;
     if args.threads == 0 || args.threads > 64 {
         return Err(Error::invalid("--threads must be between 1 and 64"));
+    }
+    if args.poll_us > 1000 {
+        return Err(Error::invalid("--poll-us must be at most 1000"));
     }
     let opts = OpenOpts {
         read_only: args.read_only,
@@ -111,6 +120,8 @@ fn mount(args: &MountArgs) -> Result<i32> {
     config.acl = acl;
     config.n_threads = Some(args.threads);
     config.clone_fd = true;
+    config.poll_before_read =
+        (args.poll_us > 0).then(|| std::time::Duration::from_micros(args.poll_us));
     let session = match fuser::Session::from_fd(fs, dev, acl, config) {
         Ok(s) => s,
         Err(e) => {

@@ -47,6 +47,29 @@ impl Channel {
         }
     }
 
+    /// imgfs addition: return once a request is waiting on the device or `limit` has passed,
+    /// polling without sleeping. Only one thread polls at a time; the others return at once
+    /// (and block in `receive`), so at most one core is spent waiting.
+    pub(crate) fn poll_briefly(&self, limit: std::time::Duration) {
+        use std::os::fd::AsRawFd;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        static POLLING: AtomicBool = AtomicBool::new(false);
+        if POLLING.swap(true, Ordering::Acquire) {
+            return;
+        }
+        let start = std::time::Instant::now();
+        let mut pfd = libc::pollfd {
+            fd: self.0.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd and a zero timeout: poll(2) only reports readiness.
+        while unsafe { libc::poll(&mut pfd, 1, 0) } == 0 && start.elapsed() < limit {
+            std::hint::spin_loop();
+        }
+        POLLING.store(false, Ordering::Release);
+    }
+
     /// Returns a sender object for this channel. The sender object can be
     /// used to send to the channel. Multiple sender objects can be used
     /// and they can safely be sent to other threads.

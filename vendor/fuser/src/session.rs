@@ -298,6 +298,7 @@ impl<FS: Filesystem> Session<FS> {
                 ch,
                 allowed,
                 session_owner,
+                poll_before_read: config.poll_before_read,
             };
             threads.push(
                 thread::Builder::new()
@@ -518,6 +519,8 @@ pub(crate) struct SessionEventLoop<FS: Filesystem> {
     pub(crate) filesystem: Arc<FilesystemHolder<FS>>,
     pub(crate) allowed: SessionACL,
     pub(crate) session_owner: Uid,
+    /// imgfs addition: see `Config::poll_before_read`.
+    pub(crate) poll_before_read: Option<std::time::Duration>,
 }
 
 impl<FS: Filesystem> SessionEventLoop<FS> {
@@ -527,6 +530,10 @@ impl<FS: Filesystem> SessionEventLoop<FS> {
         let mut buf = FuseReadBuf::new();
         let buf = buf.as_mut();
         loop {
+            // imgfs addition: see `Config::poll_before_read`.
+            if let Some(limit) = self.poll_before_read {
+                self.ch.poll_briefly(limit);
+            }
             // Read the next request from the given channel to kernel driver
             // The kernel driver makes sure that we get exactly one request per read
             match self.ch.receive_retrying(buf) {

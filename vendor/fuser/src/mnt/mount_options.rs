@@ -18,6 +18,10 @@ pub struct Config {
     /// This enables more efficient request processing
     /// when multiple threads are used. Requires Linux 4.5+.
     pub clone_fd: bool,
+    /// imgfs addition: before a worker blocks reading the next request, one worker at a time
+    /// polls the device without sleeping for this long. A request arriving meanwhile is taken
+    /// without the wake-up of a sleeping thread (and, in a VM, of a halted vCPU).
+    pub poll_before_read: Option<std::time::Duration>,
 }
 
 /// Mount options accepted by the FUSE filesystem type
