@@ -229,7 +229,15 @@ fn sigterm_and_plain_umount_close_cleanly() {
         if how == "sigterm" {
             ok("kill", &["-TERM", &pid.to_string()]);
         } else {
-            ok("umount", &[mnt.to_str().unwrap()]);
+            // A child another test thread forks may hold our just-closed file's descriptor until
+            // it execs (O_CLOEXEC): umount(8) then says "target is busy" for that instant.
+            let mut last = String::new();
+            let done = wait_until(10, || {
+                let out = run("umount", &[mnt.to_str().unwrap()]);
+                last = String::from_utf8_lossy(&out.stderr).into_owned();
+                out.status.success()
+            });
+            assert!(done, "umount: {last}");
         }
         assert!(
             wait_until(10, || !process_alive(pid)),
