@@ -3,7 +3,8 @@
 # median of N repeats, plus the host-file O_DIRECT limit, mount-to-first-read and exit times for 16 TiB
 # images, and daemon peak RSS. Usage: scripts/bench.sh [--quick] [FORMAT...]   (default: raw qcow2 vhdx qed;
 # add raw-pt for raw images served with FUSE passthrough). The fio jobs are scripts/fio/*.fio;
-# BENCH_CASES, BENCH_REPS, BENCH_SIZE, BENCH_RUNTIME and BENCH_DIR override the defaults.
+# BENCH_CASES, BENCH_REPS, BENCH_SIZE, BENCH_RUNTIME and BENCH_DIR override the defaults;
+# BENCH_HOSTBUF=1 adds the buffered host-file probe to sequential-write cases.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -152,11 +153,12 @@ for fmt in "${formats[@]}"; do
     which=$(image_kind "$name")
     # Read cases find the image in the host page cache (for both servers alike).
     [[ $name == *read ]] && warm "$work/full.${fmt%-pt}"
-    # Sequential writes also run buffered on a plain host file, interleaved: both servers write
-    # into the host page cache, and what that costs on this VM swings several-fold from run to
-    # run, so this probe is the ceiling to read their numbers against.
+    # With BENCH_HOSTBUF=1 sequential writes also run buffered on a plain host file, interleaved:
+    # both servers write into the host page cache, and what that costs on this VM swings
+    # several-fold from run to run, so this probe is the ceiling to read their numbers against.
+    # (Off by default: it adds about a minute.)
     kinds=(imgfs qsd)
-    [[ $name == seqwrite* ]] && kinds+=(hostbuf)
+    [[ $name == seqwrite* ]] && [ "${BENCH_HOSTBUF:-0}" = 1 ] && kinds+=(hostbuf)
     for rep in $(seq 1 "$reps"); do
       for kind in "${kinds[@]}"; do
         if [ "$kind" = hostbuf ]; then
