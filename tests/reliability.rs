@@ -77,14 +77,11 @@ fn kill_run(fmt: &str, img: &Path, mnt: &Path, kill_after_ms: u64, run: u64) -> 
         // compare with imgfs's own replay of the original.
         let copy = img.with_extension("replayed");
         std::fs::copy(img, &copy).unwrap();
-        let out = common::run(
-            "qemu-img",
-            &["check", "-r", "all", "-f", "vhdx", copy.to_str().unwrap()],
-        );
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "vhdx run {run}: qemu-img check -r all after kill -9"
+        common::qemu_repair(
+            "vhdx",
+            &copy,
+            false,
+            &format!("vhdx run {run} after kill -9"),
         );
         qemu_replayed = Some(qemu_raw(&copy));
     } else if fmt != "raw" && fmt != "qcow" {

@@ -141,6 +141,37 @@ pub fn engine_read_all(img: &imgfs::Image) -> Vec<u8> {
     v
 }
 
+/// Open an image file (read-only or read-write), read the whole guest, close it.
+pub fn open_read_all(p: &Path, read_only: bool) -> Vec<u8> {
+    let im = imgfs::Image::open(
+        p,
+        &imgfs::OpenOpts {
+            read_only,
+            ..imgfs::OpenOpts::default()
+        },
+    )
+    .unwrap();
+    let v = engine_read_all(&im);
+    im.close().unwrap();
+    v
+}
+
+/// `qemu-img check -r all` (QEMU's repair, which for VHDX replays a dirty log) must succeed:
+/// exit 0, or 3 (leaks found and fixed) when `leaks_ok`.
+pub fn qemu_repair(fmt: &str, img: &Path, leaks_ok: bool, what: &str) {
+    let out = run(
+        "qemu-img",
+        &["check", "-r", "all", "-f", fmt, img.to_str().unwrap()],
+    );
+    let code = out.status.code();
+    assert!(
+        code == Some(0) || (leaks_ok && code == Some(3)),
+        "{what}: qemu-img check -r all exited {code:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 pub const IMGFS: &str = env!("CARGO_BIN_EXE_imgfs");
 
 /// A real imgfs mount (daemonized `imgfs mount`), unmounted on drop even if the test failed.
