@@ -116,12 +116,11 @@ fn check_clean(path: &Path) {
     panic!("qemu-img check {}: still locked", path.display());
 }
 
-fn finish(img: Image, path: &Path, want: &[u8], dir: &Path) {
+fn finish(img: Image, path: &Path, want: &[u8]) {
     img.close().unwrap();
     drop(img);
     check_clean(path);
-    let exp = write_file(dir, "expect.raw", want);
-    assert_compare("qcow2", path, &exp);
+    assert_compare_bytes("qcow2", path, want);
     let again = open(path, true);
     assert_same(&engine_read_all(&again), want, "reopen");
 }
@@ -165,7 +164,7 @@ fn read_and_write_across_options() {
         want[..2 * cs as usize].fill(0);
         want[7 * cs as usize..8 * cs as usize].fill(0);
         assert_same(&engine_read_all(&img), &want, opts);
-        finish(img, &p, &want, d.path());
+        finish(img, &p, &want);
         assert_eq!(
             imgfs::formats::qcow2::Qcow2
                 .check(
@@ -238,7 +237,7 @@ fn backing_chains() {
     }
     img.write_zeroes(65536 * 8, 65536 * 2, true).unwrap();
     want[65536 * 8..65536 * 10].fill(0);
-    finish(img, &top, &want, d.path());
+    finish(img, &top, &want);
     assert_eq!(std::fs::read(&base).unwrap(), base_before, "base changed");
     assert_eq!(std::fs::read(&mid).unwrap(), mid_before, "mid changed");
 }
@@ -266,7 +265,7 @@ fn v2_over_backing_writes_zero_bytes() {
     let img = open(&p, false);
     img.write_zeroes(8192, 8192, true).unwrap();
     want[8192..16384].fill(0);
-    finish(img, &p, &want, d.path());
+    finish(img, &p, &want);
 }
 
 #[test]
@@ -318,7 +317,7 @@ fn internal_snapshots_views_and_cow() {
         let by_id = img.open_snapshot("1").unwrap();
         assert_same(&engine_read_all(&by_id), &one, "id 1");
         drop(by_id);
-        finish(img, &p, &want, d.path());
+        finish(img, &p, &want);
         let hf = imgfs::host::HostFile::open(&p, false).unwrap();
         let r = imgfs::formats::qcow2::Qcow2
             .check(hf, Repair::None)
@@ -366,7 +365,7 @@ fn dirty_lazy_refcounts_image_is_rebuilt() {
         assert_eq!(img.info().details["dirty"], false);
         img.write_at(&[7u8; 3000], 2_000_000).unwrap();
         want2[2_000_000..2_003_000].fill(7);
-        finish(img, &p, &want2, d.path());
+        finish(img, &p, &want2);
     }
     assert_eq!(want[0], 0x33);
     assert_eq!(want[1_000_000], 0x44);
@@ -476,7 +475,7 @@ fn create_makes_images_qemu_accepts() {
             let buf = random_bytes(i as u64, 100_000);
             img.write_at(&buf, 12345).unwrap();
             want[12345..112345].copy_from_slice(&buf);
-            finish(img, &p, &want, d.path());
+            finish(img, &p, &want);
         }
     }
 }
@@ -509,7 +508,7 @@ fn external_data_file() {
         scribble(&img, &mut want, 4096, 1);
         img.write_zeroes(4096, 8192, true).unwrap();
         want[4096..12288].fill(0);
-        finish(img, &p, &want, d.path());
+        finish(img, &p, &want);
     }
 }
 
@@ -562,7 +561,7 @@ fn bitmaps_autoclear_is_cleared_on_write() {
     want[100..110].fill(9);
     // The bitmaps are stale once the autoclear bit is cleared: imgfs drops the extension and
     // frees their clusters, so QEMU finds neither leaks nor bitmaps.
-    finish(img, &p, &want, d.path());
+    finish(img, &p, &want);
     let info = qemu_img(&["info", p.to_str().unwrap()]);
     assert!(!info.contains("b0"), "{info}");
     let b = std::fs::read(&p).unwrap();
@@ -593,7 +592,7 @@ fn refcount_table_grows() {
     }
     img.write_zeroes(1 << 20, 1 << 20, true).unwrap();
     want[1 << 20..2 << 20].fill(0);
-    finish(img, &p, &want, d.path());
+    finish(img, &p, &want);
     let b = std::fs::read(&p).unwrap();
     let rt = u64::from_be_bytes(b[48..56].try_into().unwrap());
     let rt_clusters = u32::from_be_bytes(b[56..60].try_into().unwrap());
@@ -699,7 +698,7 @@ fn compressed_images_from_convert() {
         scribble(&img, &mut want, 4096, 8);
         img.write_zeroes(4096 * 50, 4096 * 10, true).unwrap();
         want[4096 * 50..4096 * 60].fill(0);
-        finish(img, &p, &want, d.path());
+        finish(img, &p, &want);
     }
 }
 
@@ -751,7 +750,7 @@ fn parallel_readers_and_writers() {
         }
     }
     let img = std::sync::Arc::try_unwrap(img).unwrap();
-    finish(img, &p, &expect, d.path());
+    finish(img, &p, &expect);
 }
 
 #[test]
@@ -944,5 +943,5 @@ fn extended_l2_subclusters_over_backing() {
     }
     img.write_zeroes(32768 * 10, 32768, false).unwrap();
     want[32768 * 10..32768 * 11].fill(0);
-    finish(img, &p, &want, d.path());
+    finish(img, &p, &want);
 }

@@ -86,9 +86,7 @@ fn write_and_verify(img: &Path, want: &mut [u8], writes: &[(u64, usize, u64)], f
     if fmt_check {
         assert_check_clean("qed", img);
     }
-    let exp = img.with_extension("want");
-    std::fs::write(&exp, &*want).unwrap();
-    assert_compare("qed", img, &exp);
+    assert_compare_bytes("qed", img, want);
     let image = Image::open(img, &ro()).unwrap();
     assert_same(&engine_read_all(&image), want, "reopen");
 }
@@ -214,9 +212,7 @@ fn backing_file_cow_and_zero_clusters() {
     image.close().unwrap();
     drop(image);
     assert_check_clean("qed", &img);
-    let exp = dir.path().join("exp.raw");
-    std::fs::write(&exp, &want).unwrap();
-    assert_compare("qed", &img, &exp);
+    assert_compare_bytes("qed", &img, &want);
 }
 
 fn create(img: &Path, size: u64, opts: &[(&str, &str)], backing: Option<BackingRef>) {
@@ -429,9 +425,7 @@ fn evictions_keep_tables_consistent() {
         image.close().unwrap();
     }
     assert_check_clean("qed", &img);
-    let exp = dir.path().join("e.raw");
-    std::fs::write(&exp, &want).unwrap();
-    assert_compare("qed", &img, &exp);
+    assert_compare_bytes("qed", &img, &want);
 }
 
 /// Writers in several threads allocating interleaved clusters at once.
@@ -472,9 +466,7 @@ fn concurrent_writers() {
     image.close().unwrap();
     drop(image);
     assert_check_clean("qed", &img);
-    let exp = dir.path().join("t.raw");
-    std::fs::write(&exp, &want).unwrap();
-    assert_compare("qed", &img, &exp);
+    assert_compare_bytes("qed", &img, &want);
 }
 
 /// A QED overlay over a QED image over a raw file (format probed for the middle one).

@@ -100,6 +100,13 @@ pub fn assert_compare(fmt: &str, img: &Path, expect_raw: &Path) {
     );
 }
 
+/// `qemu-img compare` of an image against expected guest bytes (written beside it as `.want`).
+pub fn assert_compare_bytes(fmt: &str, img: &Path, want: &[u8]) {
+    let exp = img.with_extension("want");
+    std::fs::write(&exp, want).unwrap();
+    assert_compare(fmt, img, &exp);
+}
+
 /// Compare two byte slices and report the first difference (not a 100 MiB assert dump).
 pub fn assert_same(got: &[u8], want: &[u8], what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: length differs");
