@@ -304,15 +304,6 @@ fn large_reads_mixing_data_zeros_backing_and_compressed_match_qemu() {
     assert!(clean, "{log}");
 }
 
-/// CPU time (user + system, in clock ticks) a process has used so far.
-fn cpu_ticks(pid: i32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // Fields after the command name (which may hold spaces) start after the last ')'.
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = rest.split(' ').collect();
-    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
-}
-
 /// Workers poll for the next request only briefly (`--poll-us`): an idle daemon, right after a
 /// burst of requests, uses no CPU. `--poll-us 0` (never poll) serves I/O the same way, and an
 /// out-of-range value is refused with a clear message.

@@ -60,7 +60,15 @@ pub fn qemu_raw(img: &Path) -> Vec<u8> {
 
 /// Exit code of `qemu-img check` (0 clean, 2 corrupt, 3 leaks) and its output.
 pub fn qemu_check(fmt: &str, img: &Path) -> (i32, String) {
-    let out = run("qemu-img", &["check", "-f", fmt, img.to_str().unwrap()]);
+    qemu_check_with(&[], fmt, img)
+}
+
+/// `qemu-img check EXTRA... -f FMT IMG`: exit code and output.
+fn qemu_check_with(extra: &[&str], fmt: &str, img: &Path) -> (i32, String) {
+    let mut args = vec!["check"];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["-f", fmt, img.to_str().unwrap()]);
+    let out = run("qemu-img", &args);
     (
         out.status.code().unwrap_or(-1),
         format!(
@@ -166,16 +174,10 @@ pub fn open_read_all(p: &Path, read_only: bool) -> Vec<u8> {
 /// `qemu-img check -r all` (QEMU's repair, which for VHDX replays a dirty log) must succeed:
 /// exit 0, or 3 (leaks found and fixed) when `leaks_ok`.
 pub fn qemu_repair(fmt: &str, img: &Path, leaks_ok: bool, what: &str) {
-    let out = run(
-        "qemu-img",
-        &["check", "-r", "all", "-f", fmt, img.to_str().unwrap()],
-    );
-    let code = out.status.code();
+    let (code, out) = qemu_check_with(&["-r", "all"], fmt, img);
     assert!(
-        code == Some(0) || (leaks_ok && code == Some(3)),
-        "{what}: qemu-img check -r all exited {code:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+        code == 0 || (leaks_ok && code == 3),
+        "{what}: qemu-img check -r all exited {code}: {out}"
     );
 }
 
@@ -377,10 +379,23 @@ pub fn process_alive(pid: i32) -> bool {
         return false;
     };
     tasks.flatten().any(|t| {
-        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
-        let state = stat.rsplit(") ").next().and_then(|r| r.chars().next());
+        let state = stat_fields(&t.path().join("stat")).and_then(|f| f.first()?.chars().next());
         !matches!(state, None | Some('Z') | Some('X'))
     })
+}
+
+/// The fields of a `/proc/.../stat` file after the command name (which may hold spaces and
+/// parentheses): state first, then ppid, ... (proc(5) numbering minus 3).
+fn stat_fields(path: &Path) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(path).ok()?;
+    let rest = stat.rsplit_once(") ")?.1;
+    Some(rest.split(' ').map(str::to_string).collect())
+}
+
+/// CPU time (user + system, in clock ticks) a process has used so far.
+pub fn cpu_ticks(pid: i32) -> u64 {
+    let f = stat_fields(Path::new(&format!("/proc/{pid}/stat"))).expect("process stat");
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
 }
 
 /// Lazily unmounts `dir` on drop if it is still mounted (e.g. a dead mount after a failed test).
