@@ -8,6 +8,7 @@ pub mod formats;
 pub mod host;
 pub mod image;
 pub mod lock;
+pub mod options;
 pub mod policy;
 
 pub use error::{Error, ErrorKind, Result};

@@ -35,35 +35,7 @@ pub fn read_xattr(path: &Path, name: &str) -> std::io::Result<Vec<u8>> {
     }
 }
 
-/// Parse sizes like 4096, 64K, 16M, 2G, 1T (powers of 1024; optional trailing B/iB).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let t = t
-        .strip_suffix("iB")
-        .or_else(|| t.strip_suffix('B'))
-        .unwrap_or(t);
-    let (num, shift) = match t.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let shift = match c.to_ascii_uppercase() {
-                'K' => 10,
-                'M' => 20,
-                'G' => 30,
-                'T' => 40,
-                'P' => 50,
-                'E' => 60,
-                _ => return Err(format!("invalid size suffix in {s:?}")),
-            };
-            (&t[..i], shift)
-        }
-        _ => (t, 0),
-    };
-    let n: u64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("invalid size {s:?}"))?;
-    n.checked_mul(1u64 << shift)
-        .ok_or_else(|| format!("size {s:?} too large"))
-}
+pub use crate::options::parse_size;
 
 /// 1.5 GiB style rendering.
 pub fn human_size(n: u64) -> String {
@@ -86,14 +58,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sizes() {
-        assert_eq!(parse_size("4096").unwrap(), 4096);
-        assert_eq!(parse_size("64K").unwrap(), 65536);
-        assert_eq!(parse_size("16M").unwrap(), 16 << 20);
-        assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
-        assert_eq!(parse_size("1t").unwrap(), 1 << 40);
-        assert!(parse_size("12Q").is_err());
-        assert!(parse_size("99999999E").is_err());
+    fn human_sizes() {
         assert_eq!(human_size(1 << 30), "1 GiB");
         assert_eq!(human_size(1536 << 20), "1.500 GiB");
     }

@@ -26,23 +26,11 @@ struct Opts {
 }
 
 fn parse_size(v: &str) -> Option<u64> {
-    let v = v.trim();
-    let (num, mult) = match v.char_indices().last()? {
-        (i, 'k' | 'K') => (&v[..i], 1u64 << 10),
-        (i, 'm' | 'M') => (&v[..i], 1 << 20),
-        _ => (v, 1),
-    };
-    num.parse::<u64>().ok()?.checked_mul(mult)
+    crate::options::parse_size(v).ok()
 }
 
 fn parse_bool(k: &str, v: &str) -> Result<bool> {
-    match v {
-        "on" | "true" | "yes" => Ok(true),
-        "off" | "false" | "no" => Ok(false),
-        _ => Err(Error::invalid(format!(
-            "qcow2: {k}={v}: expected on or off"
-        ))),
-    }
+    crate::options::opt_bool("qcow2", k, v)
 }
 
 fn parse_opts(o: &CreateOpts) -> Result<Opts> {

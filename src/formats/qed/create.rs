@@ -14,16 +14,7 @@ const DEFAULT_CLUSTER_SIZE: u32 = 64 << 10;
 const DEFAULT_TABLE_SIZE: u32 = 4;
 
 fn parse_size(key: &str, v: &str) -> Result<u32> {
-    let (num, mul) = match v.as_bytes().last() {
-        Some(b'k' | b'K') => (&v[..v.len() - 1], 1u64 << 10),
-        Some(b'M') => (&v[..v.len() - 1], 1 << 20),
-        _ => (v, 1),
-    };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mul))
-        .and_then(|n| u32::try_from(n).ok())
-        .ok_or_else(|| Error::invalid(format!("qed: bad value {v:?} for {key}")))
+    crate::options::opt_size_u32("qed", key, v)
 }
 
 pub fn create(file: &HostFile, opts: &CreateOpts) -> Result<()> {

@@ -27,25 +27,11 @@ struct Params {
 }
 
 fn parse_size(k: &str, v: &str) -> Result<u64> {
-    let v = v.trim();
-    let (num, mul) = match v.chars().last() {
-        Some('k' | 'K') => (&v[..v.len() - 1], 1u64 << 10),
-        Some('m' | 'M') => (&v[..v.len() - 1], 1 << 20),
-        Some('g' | 'G') => (&v[..v.len() - 1], 1 << 30),
-        _ => (v, 1),
-    };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mul))
-        .ok_or_else(|| Error::invalid(format!("vhdx: {k}={v} is not a size")))
+    crate::options::opt_size("vhdx", k, v)
 }
 
 fn parse_bool(k: &str, v: &str) -> Result<bool> {
-    match v {
-        "on" | "true" | "yes" | "1" => Ok(true),
-        "off" | "false" | "no" | "0" => Ok(false),
-        _ => Err(Error::invalid(format!("vhdx: {k}={v} is not on/off"))),
-    }
+    crate::options::opt_bool("vhdx", k, v)
 }
 
 fn params(opts: &CreateOpts, parent: bool) -> Result<Params> {
