@@ -10,6 +10,7 @@ pub mod image;
 pub mod lock;
 pub mod options;
 pub mod policy;
+pub mod views;
 
 pub use error::{Error, ErrorKind, Result};
 pub use image::{Image, OpenOpts};

@@ -62,6 +62,7 @@ pub fn describe(img: &Image) -> Value {
         "backing_format": info.backing.as_ref().and_then(|b| b.format.clone()),
         "backing_chain": backing_chain,
         "snapshots": img.snapshots(),
+        "partitions": crate::views::scan_image(img),
         "format_specific": info.details,
     })
 }
@@ -107,6 +108,7 @@ fn print_text(v: &Value) {
             );
         }
     }
+    print_partitions(&v["partitions"]);
     if let Some(m) = v["format_specific"].as_object().filter(|m| !m.is_empty()) {
         println!("Format specific information:");
         for (k, val) in m {
@@ -116,5 +118,34 @@ fn print_text(v: &Value) {
             };
             println!("    {k}: {shown}");
         }
+    }
+}
+
+fn print_partitions(t: &Value) {
+    let Some(parts) = t["partitions"].as_array() else {
+        return;
+    };
+    println!(
+        "partition table: {} (disk id {}, {}-byte sectors)",
+        t["scheme"].as_str().unwrap_or(""),
+        t["disk_id"].as_str().unwrap_or(""),
+        t["sector_size"].as_u64().unwrap_or(0)
+    );
+    println!(
+        "{:<4} {:>14} {:>10} {:<36} NAME",
+        "NUM", "START", "SIZE", "TYPE"
+    );
+    for p in parts {
+        println!(
+            "{:<4} {:>14} {:>10} {:<36} {}",
+            p["number"].as_u64().unwrap_or(0),
+            p["start"].as_u64().unwrap_or(0),
+            human_size(p["len"].as_u64().unwrap_or(0)),
+            p["type_id"].as_str().unwrap_or(""),
+            p["name"].as_str().unwrap_or("")
+        );
+    }
+    for w in t["warnings"].as_array().into_iter().flatten() {
+        println!("    warning: {}", w.as_str().unwrap_or(""));
     }
 }

@@ -48,6 +48,9 @@ pub struct MountArgs {
     /// but that I/O bypasses imgfs (no statistics). Needs --format raw or --read-only.
     #[arg(long)]
     pub passthrough: bool,
+    /// Do not expose partitions as `<stem>.partitions/N.raw` files.
+    #[arg(long)]
+    pub no_partitions: bool,
     /// Image files, or directories whose image files are all exposed; then the mountpoint.
     #[arg(required = true, num_args = 2.., value_name = "PATH")]
     pub paths: Vec<PathBuf>,
@@ -103,7 +106,8 @@ fn mount(args: &MountArgs) -> Result<i32> {
         images.push(Arc::new(img));
     }
     let signals = daemon::block_signals();
-    let fs = ImgFs::new(images, args.read_only, args.passthrough);
+    let fs = ImgFs::new(images, args.read_only, args.passthrough).with_partitions(!args.no_partitions);
+    let partitions = fs.partitions();
     let dev = daemon::mount_fuse(&daemon::FuseMount {
         mountpoint,
         source: &fs_name(&files),
@@ -132,6 +136,7 @@ fn mount(args: &MountArgs) -> Result<i32> {
             ));
         }
     };
+    partitions.set_notifier(session.notifier());
     log::info!("mounted on {}", mountpoint.display());
     daemon::watch_signals(signals, mountpoint.to_path_buf());
     daemon::notify_ready();

@@ -3,10 +3,12 @@
 //! cloned /dev/fuse fd each) with per-thread reusable buffers.
 
 pub mod dir;
+mod partitions;
 mod splice;
 
 use crate::error::Error;
 use crate::image::Image;
+use crate::views::Partitions;
 use dir::{Node, NodeKind, Tree, ROOT};
 use fuser::{
     BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
@@ -52,6 +54,8 @@ pub struct ImgFs {
     /// Last write time, as seconds since the epoch (mtime of written files).
     last_write: AtomicU64,
     read_only: bool,
+    /// Partition views of the disk files (empty with --no-partitions).
+    parts: Arc<Partitions>,
 }
 
 fn errno(e: &Error) -> Errno {
@@ -72,6 +76,7 @@ impl ImgFs {
             mounted_at: now,
             last_write: AtomicU64::new(now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())),
             read_only,
+            parts: Arc::new(Partitions::disabled()),
         }
     }
 
@@ -131,14 +136,6 @@ impl ImgFs {
         }
     }
 
-    fn image(&self, ino: INodeNo) -> Result<&Arc<Image>, Errno> {
-        match self.tree.get(ino.0).map(|n| &n.kind) {
-            Some(NodeKind::File { image }) => Ok(image),
-            Some(NodeKind::Dir { .. }) => Err(Errno::EISDIR),
-            None => Err(Errno::ENOENT),
-        }
-    }
-
     fn touch(&self) {
         if let Ok(d) = SystemTime::now().duration_since(UNIX_EPOCH) {
             self.last_write.store(d.as_secs(), Ordering::Relaxed);
@@ -146,6 +143,9 @@ impl ImgFs {
     }
 
     fn xattr_value(&self, ino: u64, name: &str) -> Option<Vec<u8>> {
+        if let Some(x) = self.part_xattrs(ino) {
+            return x.into_iter().find(|(k, _)| k == name).map(|(_, v)| v);
+        }
         let node = self.tree.get(ino)?;
         match (&node.kind, name) {
             (NodeKind::Dir { .. }, "user.imgfs.pid") if ino == ROOT => {
@@ -175,6 +175,9 @@ impl ImgFs {
     }
 
     fn xattr_names(&self, ino: u64) -> Vec<String> {
+        if let Some(x) = self.part_xattrs(ino) {
+            return x.into_iter().map(|(k, _)| k).collect();
+        }
         match self.tree.get(ino).map(|n| &n.kind) {
             Some(NodeKind::File { image }) => {
                 let v = crate::stats::image_stats("", image);
@@ -209,6 +212,7 @@ fn reply_xattr(reply: ReplyXattr, size: u32, data: &[u8]) {
 impl ImgFs {
     /// Send a large read by splicing it from the image's files; false when it must be copied.
     fn try_splice(&self, image: &Image, offset: u64, n: usize, reply: &ReplyData) -> bool {
+        // `offset` is on the image (a partition's start already added).
         let Some((dev, unique)) = reply.device_target() else {
             return false;
         };
@@ -260,13 +264,25 @@ impl Filesystem for ImgFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match name.to_str().and_then(|n| self.tree.lookup(parent.0, n)) {
+        let Some(name) = name.to_str() else {
+            return reply.error(Errno::ENOENT);
+        };
+        match self.tree.lookup(parent.0, name) {
             Some(node) => reply.entry(&TTL, &self.attr(node), Generation(0)),
-            None => reply.error(Errno::ENOENT),
+            None => match self.part_lookup(parent.0, name) {
+                Some(a) => reply.entry(&partitions::PART_TTL, &a, Generation(0)),
+                None => reply.error(Errno::ENOENT),
+            },
         }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        if let Some(a) = self.part_attr(ino.0) {
+            return match a {
+                Ok(a) => reply.attr(&partitions::PART_TTL, &a),
+                Err(e) => reply.error(e),
+            };
+        }
         match self.tree.get(ino.0) {
             // Short TTL for files: st_blocks and mtime change as we write.
             Some(node) => reply.attr(&Duration::from_secs(1), &self.attr(node)),
@@ -292,6 +308,16 @@ impl Filesystem for ImgFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        if let Some(a) = self.part_attr(ino.0) {
+            return match a {
+                Ok(_) if mode.is_some() || uid.is_some() || gid.is_some() => {
+                    reply.error(Errno::EPERM)
+                }
+                Ok(a) if size.is_some_and(|s| s != a.size) => reply.error(Errno::EPERM),
+                Ok(a) => reply.attr(&partitions::PART_TTL, &a),
+                Err(e) => reply.error(e),
+            };
+        }
         let Some(node) = self.tree.get(ino.0) else {
             return reply.error(Errno::ENOENT);
         };
@@ -310,10 +336,12 @@ impl Filesystem for ImgFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, open_flags: OpenFlags, reply: ReplyOpen) {
-        let image = match self.image(ino) {
-            Ok(i) => i,
+        let t = match self.target(ino) {
+            Ok(t) => t,
             Err(e) => return reply.error(e),
         };
+        let image = &t.image;
+        self.parts.opened(ino.0);
         let wants_write = open_flags.acc_mode() != OpenAccMode::O_RDONLY;
         if wants_write && (image.is_read_only() || image.is_degraded()) {
             return reply.error(Errno::EROFS);
@@ -331,6 +359,14 @@ impl Filesystem for ImgFs {
             flags |= FopenFlags::FOPEN_DIRECT_IO;
         }
         let host = image.passthrough_file().and_then(|f| f.raw_fd());
+        if t.partition {
+            // Passthrough writes to the disk file never reach us, so a partition of a
+            // passthrough disk cannot have its cached pages invalidated: it keeps none.
+            if self.passthrough && host.is_some() {
+                flags |= FopenFlags::FOPEN_DIRECT_IO;
+            }
+            return reply.opened(FileHandle(0), flags);
+        }
         match host.filter(|_| self.passthrough) {
             None => reply.opened(FileHandle(0), flags),
             Some(fd) => {
@@ -368,15 +404,17 @@ impl Filesystem for ImgFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let image = match self.image(ino) {
-            Ok(i) => i,
+        let t = match self.target(ino) {
+            Ok(t) => t,
             Err(e) => return reply.error(e),
         };
-        let end = offset.saturating_add(size as u64).min(image.size());
+        let image = &t.image;
+        let end = offset.saturating_add(size as u64).min(t.size);
         if offset >= end {
             return reply.data(&[]);
         }
         let n = (end - offset) as usize;
+        let offset = t.base + offset;
         if n >= splice::MIN_SPLICE && self.try_splice(image, offset, n, &reply) {
             return reply.sent_by_caller();
         }
@@ -404,22 +442,23 @@ impl Filesystem for ImgFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let image = match self.image(ino) {
-            Ok(i) => i,
+        let t = match self.target(ino) {
+            Ok(t) => t,
             Err(e) => return reply.error(e),
         };
         // Like a block device: nothing past the end; a write crossing it is cut short.
-        if offset >= image.size() {
+        if offset >= t.size {
             return reply.error(if data.is_empty() {
                 Errno::EINVAL
             } else {
                 Errno::ENOSPC
             });
         }
-        let n = (image.size() - offset).min(data.len() as u64) as usize;
-        match image.write_at(&data[..n], offset) {
+        let n = (t.size - offset).min(data.len() as u64) as usize;
+        match t.image.write_at(&data[..n], t.base + offset) {
             Ok(()) => {
                 self.touch();
+                self.parts.written(ino.0, t.base + offset, n as u64);
                 reply.written(n as u32)
             }
             Err(e) => reply.error(errno(&e)),
@@ -436,6 +475,7 @@ impl Filesystem for ImgFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        self.parts.synced(ino.0);
         if fh.0 == 1 {
             let mut ids = self.backing_ids.lock().unwrap_or_else(|p| p.into_inner());
             if let Some((_, users)) = ids.get_mut(&ino.0) {
@@ -468,8 +508,11 @@ impl Filesystem for ImgFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.image(ino).map(|i| i.flush()) {
-            Ok(Ok(())) => reply.ok(),
+        match self.target(ino).map(|t| t.image.flush()) {
+            Ok(Ok(())) => {
+                self.parts.synced(ino.0);
+                reply.ok()
+            }
             Ok(Err(e)) => reply.error(errno(&e)),
             Err(e) => reply.error(e),
         }
@@ -483,16 +526,25 @@ impl Filesystem for ImgFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let Some(node) = self.tree.get(ino.0) else {
-            return reply.error(Errno::ENOENT);
-        };
-        let NodeKind::Dir { children } = &node.kind else {
-            return reply.error(Errno::ENOTDIR);
+        let no_children = Vec::new();
+        let (parent, children) = match self.tree.get(ino.0) {
+            Some(Node {
+                parent,
+                kind: NodeKind::Dir { children },
+                ..
+            }) => (*parent, children),
+            Some(_) => return reply.error(Errno::ENOTDIR),
+            None => match self.part_dir_parent(ino.0) {
+                Some(p) => (p, &no_children),
+                None if Partitions::is_file_ino(ino.0) => return reply.error(Errno::ENOTDIR),
+                None => return reply.error(Errno::ENOENT),
+            },
         };
         let mut entries = vec![
-            (node.ino, FileType::Directory, ".".to_string()),
-            (node.parent, FileType::Directory, "..".to_string()),
+            (ino.0, FileType::Directory, ".".to_string()),
+            (parent, FileType::Directory, "..".to_string()),
         ];
+        entries.extend(self.part_entries(ino.0));
         for &c in children {
             if let Some(child) = self.tree.get(c) {
                 let kind = match child.kind {
@@ -558,22 +610,24 @@ impl Filesystem for ImgFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        let image = match self.image(ino) {
-            Ok(i) => i,
+        let t = match self.target(ino) {
+            Ok(t) => t,
             Err(e) => return reply.error(e),
         };
         let end = offset.saturating_add(length);
         let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        let mut zeroed = 0;
         let result =
             if mode == punch || mode & !libc::FALLOC_FL_KEEP_SIZE == libc::FALLOC_FL_ZERO_RANGE {
-                if end > image.size() && mode & libc::FALLOC_FL_KEEP_SIZE == 0 {
+                if end > t.size && mode & libc::FALLOC_FL_KEEP_SIZE == 0 {
                     return reply.error(Errno::EFBIG);
                 }
-                let len = end.min(image.size()).saturating_sub(offset);
-                image.write_zeroes(offset, len, mode == punch)
+                zeroed = end.min(t.size).saturating_sub(offset);
+                t.image
+                    .write_zeroes(t.base + offset, zeroed, mode == punch)
             } else if mode & !libc::FALLOC_FL_KEEP_SIZE == 0 {
                 // Plain preallocation: the virtual disk already has its size; nothing to do inside it.
-                if end > image.size() && mode == 0 {
+                if end > t.size && mode == 0 {
                     return reply.error(Errno::EFBIG);
                 }
                 Ok(())
@@ -583,6 +637,9 @@ impl Filesystem for ImgFs {
         match result {
             Ok(()) => {
                 self.touch();
+                if zeroed > 0 {
+                    self.parts.written(ino.0, t.base + offset, zeroed);
+                }
                 reply.ok()
             }
             Err(e) => reply.error(errno(&e)),
@@ -598,21 +655,27 @@ impl Filesystem for ImgFs {
         whence: i32,
         reply: ReplyLseek,
     ) {
-        let image = match self.image(ino) {
-            Ok(i) => i,
+        let t = match self.target(ino) {
+            Ok(t) => t,
             Err(e) => return reply.error(e),
         };
         let Ok(off) = u64::try_from(offset) else {
             return reply.error(Errno::EINVAL);
         };
-        if off >= image.size() {
+        if off >= t.size {
             return reply.error(Errno::ENXIO);
         }
+        let off = t.base + off;
         let found = match whence {
-            libc::SEEK_DATA => image.seek_data(off),
-            libc::SEEK_HOLE => image.seek_hole(off).map(Some),
+            libc::SEEK_DATA => t.image.seek_data(off),
+            libc::SEEK_HOLE => t.image.seek_hole(off).map(Some),
             _ => return reply.error(Errno::EINVAL),
         };
+        // On a partition: data past its end is none of its own, and its end is a hole.
+        let found = found.map(|p| match p {
+            Some(p) if p >= t.base + t.size => (whence == libc::SEEK_HOLE).then_some(t.size),
+            p => p.map(|p| p - t.base),
+        });
         match found {
             Ok(Some(p)) => reply.offset(p as i64),
             Ok(None) => reply.error(Errno::ENXIO),
