@@ -18,3 +18,16 @@ for fmt in qcow2 qed qcow vhdx; do
   done
   echo "$dir: $i seeds"
 done
+# Partition tables: 256 KiB disks partitioned by sfdisk (MBR with a chain of logicals, GPT).
+dir=corpus/partition_table
+mkdir -p "$dir"
+i=0
+for script in \
+  'label: dos\nstart=34,size=60,type=83\nstart=100,size=400,type=5\nstart=102,size=20\nstart=130,size=20\nstart=160,size=20\n' \
+  'label: gpt\nstart=40,size=100,name=a\nstart=140,size=100,name=b\n'; do
+  truncate -s 256K "$tmp/p$i"
+  printf "$script" | sfdisk -q "$tmp/p$i" >/dev/null
+  cp "$tmp/p$i" "$dir/seed$i"
+  i=$((i + 1))
+done
+echo "$dir: $i seeds"

@@ -254,3 +254,119 @@ fn hostile_qcow() {
 fn hostile_vhdx() {
     fuzz_format("vhdx");
 }
+
+/// Re-seal a GPT header's entry-array and header CRCs so mutations reach the entry parser.
+fn reseal_gpt(d: &mut [u8], lba: usize) {
+    let h = lba * 512;
+    if d.len() < h + 512 || &d[h..h + 8] != b"EFI PART" {
+        return;
+    }
+    let u32_at = |d: &[u8], o: usize| u32::from_le_bytes(d[o..o + 4].try_into().unwrap());
+    let entries_lba = u64::from_le_bytes(d[h + 72..h + 80].try_into().unwrap());
+    let array_len = u32_at(d, h + 80) as u64 * u32_at(d, h + 84) as u64;
+    let start = entries_lba.saturating_mul(512);
+    if array_len <= 4 << 20 && start.saturating_add(array_len) <= d.len() as u64 {
+        let crc = crc32fast::hash(&d[start as usize..(start + array_len) as usize]);
+        d[h + 88..h + 92].copy_from_slice(&crc.to_le_bytes());
+    }
+    let size = (u32_at(d, h + 12) as usize).clamp(92, 512);
+    d[h + 16..h + 20].fill(0);
+    let crc = crc32fast::hash(&d[h..h + size]);
+    d[h + 16..h + 20].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Partition tables made by sfdisk (MBR with a chain of logical partitions, GPT), mutated in their
+/// first and last 64 KiB: the scanner must stay inside the disk, number at most 255 partitions,
+/// and never panic or hang, whatever the tables say.
+#[test]
+fn hostile_partition_tables() {
+    use imgfs::views::table::{scan, MemDisk, MAX_PARTITIONS};
+    let t = tmpdir();
+    let mut seeds = Vec::new();
+    for script in [
+        "label: dos\nstart=2048,size=4096,type=83\nstart=6144,size=10240,type=5\nstart=8192,size=1024\nstart=11264,size=1024\nstart=14336,size=1024\n",
+        "label: gpt\nstart=2048,size=4096,name=a\nstart=6144,size=4096,name=b\nstart=10240,name=c\n",
+    ] {
+        let p = t.path().join("seed.img");
+        let _ = std::fs::remove_file(&p);
+        ok("truncate", &["-s", "8M", p.to_str().unwrap()]);
+        let mut child = std::process::Command::new("sfdisk")
+            .args(["-q", p.to_str().unwrap()])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+        assert!(child.wait().unwrap().success());
+        seeds.push(std::fs::read(&p).unwrap());
+    }
+    let start = Instant::now();
+    let mut found = 0;
+    for seed in 0..ITERATIONS {
+        let mut rng = SplitMix64::new(seed * 104729 + 17);
+        let mut d = seeds[(seed % 2) as usize].clone();
+        let len = d.len();
+        if rng.below(3) == 0 {
+            // The backup GPT and the end of the disk.
+            let tail = d.split_off(len - (64 << 10));
+            let mut tail = mutate(&mut rng, tail, 64 << 10);
+            tail.resize(64 << 10, 0);
+            d.extend_from_slice(&tail);
+        } else {
+            let head: Vec<u8> = d.drain(..64 << 10).collect();
+            let mut head = mutate(&mut rng, head, 64 << 10);
+            head.resize(64 << 10, 0);
+            d.splice(0..0, head);
+        }
+        if rng.below(8) == 0 {
+            d.truncate(rng.below(len as u64) as usize);
+        }
+        if rng.below(4) != 0 {
+            reseal_gpt(&mut d, 1);
+            let last = d.len() / 512;
+            reseal_gpt(&mut d, last.saturating_sub(1));
+        }
+        for sector in [512, 4096] {
+            let r = std::panic::catch_unwind(|| scan(&MemDisk(&d), sector));
+            let Ok(r) = r else {
+                let keep = std::env::temp_dir().join(format!("imgfs-fuzz-crash-ptable-{seed}"));
+                std::fs::write(&keep, &d).unwrap();
+                panic!(
+                    "partition table seed {seed} panicked; saved to {}",
+                    keep.display()
+                );
+            };
+            let Some(table) = r.unwrap() else { continue };
+            found += 1;
+            let mut numbers = std::collections::HashSet::new();
+            for p in &table.partitions {
+                assert!(
+                    p.len > 0 && p.start + p.len <= d.len() as u64,
+                    "seed {seed}: {p:?}"
+                );
+                assert!(
+                    p.number >= 1 && p.number <= MAX_PARTITIONS,
+                    "seed {seed}: {p:?}"
+                );
+                assert!(
+                    numbers.insert(p.number),
+                    "seed {seed}: number {} twice",
+                    p.number
+                );
+            }
+        }
+    }
+    eprintln!(
+        "partition tables: {ITERATIONS} mutants, {found} scans found a table, {:?}",
+        start.elapsed()
+    );
+    assert!(
+        found > ITERATIONS / 2,
+        "the mutations never reach the entries"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(60),
+        "partition scans too slow"
+    );
+}

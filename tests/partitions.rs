@@ -69,7 +69,10 @@ fn create(dir: &Path, fmt: &str) -> PathBuf {
 }
 
 fn xattr(p: &Path, name: &str) -> String {
-    ok("getfattr", &["--only-values", "-n", name, p.to_str().unwrap()])
+    ok(
+        "getfattr",
+        &["--only-values", "-n", name, p.to_str().unwrap()],
+    )
 }
 
 #[test]
@@ -92,7 +95,10 @@ fn mbr_with_logical_partitions_on_raw_qcow2_vhdx() {
             ],
             "{fmt}"
         );
-        assert_eq!(xattr(&parts.join("6.raw"), "user.imgfs.partition.type"), "82");
+        assert_eq!(
+            xattr(&parts.join("6.raw"), "user.imgfs.partition.type"),
+            "82"
+        );
         // Writes through a partition land at its offset on the disk, and the other way round.
         let data = random_bytes(5, 300_000);
         pwrite(&parts.join("5.raw"), 4097, &data).unwrap();
@@ -109,7 +115,11 @@ fn mbr_with_logical_partitions_on_raw_qcow2_vhdx() {
         assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{fmt}");
         f.sync_all().unwrap();
         drop(f);
-        assert_eq!(pread(&disk, 11 * MIB, 1), [0], "{fmt}: byte after partition 1");
+        assert_eq!(
+            pread(&disk, 11 * MIB, 1),
+            [0],
+            "{fmt}: byte after partition 1"
+        );
         let mut want = std::fs::read(&disk).unwrap();
         let (ok, err) = m.umount();
         assert!(ok, "{err}");
@@ -146,7 +156,11 @@ fn gpt_ext4_through_a_partition_file_and_a_loop_device() {
     ok("e2fsck", &["-fn", root.to_str().unwrap()]);
     // The partition file is the disk's bytes at the partition's offset.
     let part = std::fs::read(&root).unwrap();
-    assert_same(&pread(&disk, 9 * MIB, part.len()), &part, "partition 2 vs disk");
+    assert_same(
+        &pread(&disk, 9 * MIB, part.len()),
+        &part,
+        "partition 2 vs disk",
+    );
     let (ok_, err) = m.umount();
     assert!(ok_, "{err}");
     assert_check_clean("qcow2", &img);
@@ -233,25 +247,52 @@ fn page_cache_coherence_between_disk_and_partition() {
     assert_eq!(map.bytes()[4096..4100], [0, 0, 0, 0]);
     p.write_all_at(b"part", 4096).unwrap();
     d.read_exact_at(&mut buf[..4], base + 4096).unwrap();
-    assert_eq!(&buf[..4], b"part", "buffered disk reader after a partition write");
+    assert_eq!(
+        &buf[..4],
+        b"part",
+        "buffered disk reader after a partition write"
+    );
     d.write_all_at(b"disk", base + 4096).unwrap();
     p.read_exact_at(&mut buf[..4], 4096).unwrap();
-    assert_eq!(&buf[..4], b"disk", "buffered partition reader after a disk write");
-    assert_eq!(&map.bytes()[4096..4100], b"disk", "mmap reader of the partition");
+    assert_eq!(
+        &buf[..4],
+        b"disk",
+        "buffered partition reader after a disk write"
+    );
+    assert_eq!(
+        &map.bytes()[4096..4100],
+        b"disk",
+        "mmap reader of the partition"
+    );
     // O_DIRECT writers and readers.
     let dd = open_direct(&disk, true);
     direct_write(&dd, base + 4096, &[7u8; 4096]);
     p.read_exact_at(&mut buf[..4096], 4096).unwrap();
-    assert_eq!(buf[..4096], [7u8; 4096], "buffered partition reader after O_DIRECT disk write");
-    assert_eq!(map.bytes()[4096..8192], [7u8; 4096], "mmap after O_DIRECT disk write");
+    assert_eq!(
+        buf[..4096],
+        [7u8; 4096],
+        "buffered partition reader after O_DIRECT disk write"
+    );
+    assert_eq!(
+        map.bytes()[4096..8192],
+        [7u8; 4096],
+        "mmap after O_DIRECT disk write"
+    );
     let pd = open_direct(&part, true);
     direct_write(&pd, 0, &[9u8; 4096]);
     d.read_exact_at(&mut buf[..4096], base).unwrap();
-    assert_eq!(buf[..4096], [9u8; 4096], "buffered disk reader after O_DIRECT partition write");
+    assert_eq!(
+        buf[..4096],
+        [9u8; 4096],
+        "buffered disk reader after O_DIRECT partition write"
+    );
     assert_eq!(direct_read(&dd, base, 4096), [9u8; 4096]);
     let dmap = Mmap::new(&d, 2 * MIB as usize);
     pwrite(&part, 100, b"mmap").unwrap();
-    assert_eq!(&dmap.bytes()[MIB as usize + 100..MIB as usize + 104], b"mmap");
+    assert_eq!(
+        &dmap.bytes()[MIB as usize + 100..MIB as usize + 104],
+        b"mmap"
+    );
 }
 
 /// A shared read-only mapping, unmapped on drop.
@@ -315,7 +356,10 @@ fn repartitioning_changes_the_directory_without_remounting() {
     );
     // Partition 1 moved (10 MiB -> 8 MiB): the old handle fails too, a new open sees the new one.
     assert!(old1.read_exact_at(&mut b, 0).is_err());
-    assert_eq!(std::fs::metadata(parts.join("1.raw")).unwrap().len(), 8 * MIB);
+    assert_eq!(
+        std::fs::metadata(parts.join("1.raw")).unwrap().len(),
+        8 * MIB
+    );
     // Wiping the table removes the directory.
     ok("wipefs", &["-q", "-a", "-f", disk.to_str().unwrap()]);
     assert!(!parts.exists());
@@ -356,5 +400,8 @@ fn no_partitions_option_and_snapshot_views() {
     let snap = m.file("disk.snapshots/s1.partitions/2.raw");
     assert_eq!(pread(&snap, 0, 15), b"in the snapshot");
     assert_eq!(pread(&m.file("disk.partitions/2.raw"), 0, 4), [1, 1, 1, 1]);
-    assert!(pwrite(&snap, 0, b"x").is_err(), "snapshot partitions are read-only");
+    assert!(
+        pwrite(&snap, 0, b"x").is_err(),
+        "snapshot partitions are read-only"
+    );
 }

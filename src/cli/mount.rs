@@ -106,7 +106,8 @@ fn mount(args: &MountArgs) -> Result<i32> {
         images.push(Arc::new(img));
     }
     let signals = daemon::block_signals();
-    let fs = ImgFs::new(images, args.read_only, args.passthrough).with_partitions(!args.no_partitions);
+    let fs =
+        ImgFs::new(images, args.read_only, args.passthrough).with_partitions(!args.no_partitions);
     let partitions = fs.partitions();
     let dev = daemon::mount_fuse(&daemon::FuseMount {
         mountpoint,

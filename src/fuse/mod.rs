@@ -623,8 +623,7 @@ impl Filesystem for ImgFs {
                     return reply.error(Errno::EFBIG);
                 }
                 zeroed = end.min(t.size).saturating_sub(offset);
-                t.image
-                    .write_zeroes(t.base + offset, zeroed, mode == punch)
+                t.image.write_zeroes(t.base + offset, zeroed, mode == punch)
             } else if mode & !libc::FALLOC_FL_KEEP_SIZE == 0 {
                 // Plain preallocation: the virtual disk already has its size; nothing to do inside it.
                 if end > t.size && mode == 0 {

@@ -125,7 +125,13 @@ impl ImgFs {
             return d
                 .views()
                 .iter()
-                .map(|v| (v.ino, FileType::RegularFile, format!("{}.raw", v.part.number)))
+                .map(|v| {
+                    (
+                        v.ino,
+                        FileType::RegularFile,
+                        format!("{}.raw", v.part.number),
+                    )
+                })
                 .collect();
         }
         self.parts

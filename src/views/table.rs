@@ -132,7 +132,10 @@ fn finish(mut t: Table, size: u64) -> Table {
     let mut warnings = std::mem::take(&mut t.warnings);
     t.partitions.retain_mut(|p| {
         if p.start >= size {
-            warnings.push(format!("partition {} starts past the disk's end; ignored", p.number));
+            warnings.push(format!(
+                "partition {} starts past the disk's end; ignored",
+                p.number
+            ));
             return false;
         }
         if p.len > size - p.start {
@@ -245,8 +248,9 @@ fn logicals(
     let mut empty_hops = 0;
     loop {
         if *next > MAX_PARTITIONS {
-            t.warnings
-                .push(format!("more than {MAX_PARTITIONS} partitions; the rest ignored"));
+            t.warnings.push(format!(
+                "more than {MAX_PARTITIONS} partitions; the rest ignored"
+            ));
             return Ok(());
         }
         if !visited.insert(this) {
@@ -260,8 +264,9 @@ fn logicals(
         }
         empty_hops += 1;
         if empty_hops > MAX_EMPTY_EBRS {
-            t.warnings
-                .push(format!("{MAX_EMPTY_EBRS} EBRs without a partition; chain ignored past them"));
+            t.warnings.push(format!(
+                "{MAX_EMPTY_EBRS} EBRs without a partition; chain ignored past them"
+            ));
             return Ok(());
         }
         if this.saturating_add(MBR_LEN as u64) > disk.size() {
@@ -308,7 +313,10 @@ fn logicals(
                 break;
             }
         }
-        let Some(link) = entries.iter().find(|e| e.sectors != 0 && is_extended(e.sys)) else {
+        let Some(link) = entries
+            .iter()
+            .find(|e| e.sectors != 0 && is_extended(e.sys))
+        else {
             return Ok(());
         };
         this = first + link.start as u64 * ss;
@@ -376,8 +384,10 @@ fn gpt(disk: &dyn Disk, ss: u64) -> Result<std::result::Result<Table, String>> {
         let last = le64(&e[40..48]);
         // Linux's is_pte_valid: both ends on the disk. An inverted entry is skipped too.
         if first > last_lba || last > last_lba || first > last {
-            t.warnings
-                .push(format!("GPT entry {} lies outside the disk; ignored", i + 1));
+            t.warnings.push(format!(
+                "GPT entry {} lies outside the disk; ignored",
+                i + 1
+            ));
             continue;
         }
         if first < h.first_usable || last > h.last_usable {
@@ -461,7 +471,10 @@ fn gpt_at(
         .checked_mul(ss)
         .and_then(|o| o.checked_add(array_len));
     if h.entries_lba == 0 || array_end.is_none_or(|end| end > disk.size()) {
-        return Ok(Err(format!("entry array at LBA {} outside the disk", h.entries_lba)));
+        return Ok(Err(format!(
+            "entry array at LBA {} outside the disk",
+            h.entries_lba
+        )));
     }
     let mut array = vec![0u8; array_len as usize];
     disk.read(h.entries_lba * ss, &mut array)?;

@@ -58,7 +58,11 @@ fn ebr_loop_is_an_error_not_a_hang() {
     mbr_entry(&mut d, (6144 + 4096) * 512, 1, 0x05, 0, 4096);
     let t = scan(&MemDisk(&d), 512).unwrap().unwrap();
     assert_eq!(t.partitions.len(), 4);
-    assert!(t.warnings.iter().any(|w| w.contains("loops")), "{:?}", t.warnings);
+    assert!(
+        t.warnings.iter().any(|w| w.contains("loops")),
+        "{:?}",
+        t.warnings
+    );
 }
 
 #[test]
@@ -84,7 +88,10 @@ fn put_gpt(d: &mut [u8], entries_lba: u64, my_lba: u64, alt_lba: u64, parts: &[(
     let mut array = vec![0u8; 128 * 128];
     for (i, (first, last, name)) in parts.iter().enumerate() {
         let e = &mut array[i * 128..(i + 1) * 128];
-        e[0..16].copy_from_slice(&[0xAF, 0x3D, 0xC6, 0x0F, 0x83, 0x84, 0x72, 0x47, 0x8E, 0x79, 0x3D, 0x69, 0xD8, 0x47, 0x7D, 0xE4]);
+        e[0..16].copy_from_slice(&[
+            0xAF, 0x3D, 0xC6, 0x0F, 0x83, 0x84, 0x72, 0x47, 0x8E, 0x79, 0x3D, 0x69, 0xD8, 0x47,
+            0x7D, 0xE4,
+        ]);
         e[16] = i as u8 + 1;
         e[32..40].copy_from_slice(&first.to_le_bytes());
         e[40..48].copy_from_slice(&last.to_le_bytes());
@@ -134,7 +141,10 @@ fn gpt_names_types_and_numbers() {
         vec![(1, 1 << 20, 1 << 20), (2, 2 << 20, 3 << 20)]
     );
     assert_eq!(t.partitions[1].name.as_deref(), Some("root"));
-    assert_eq!(t.partitions[0].type_id, "0FC63DAF-8483-4772-8E79-3D69D8477DE4");
+    assert_eq!(
+        t.partitions[0].type_id,
+        "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
+    );
     assert!(t.warnings.is_empty(), "{:?}", t.warnings);
 }
 
