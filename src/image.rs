@@ -353,6 +353,14 @@ impl Image {
             .map_err(|e| self.failed("read", off, e))
     }
 
+    /// Read guest bytes for imgfs itself (partition table scans): like `read_at`, but not counted
+    /// in the statistics, which describe what users of the disk did.
+    pub fn read_internal(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        self.check_range(off, buf.len() as u64)?;
+        self.read_inner(buf, off)
+            .map_err(|e| self.failed("read", off, e))
+    }
+
     /// Count a read in the image's statistics (`read_at` does; a spliced read calls this).
     pub(crate) fn count_read(&self, len: usize) {
         self.stats.reads.fetch_add(1, Ordering::Relaxed);

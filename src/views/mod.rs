@@ -95,7 +95,7 @@ impl table::Disk for ImageDisk<'_> {
         self.0.size()
     }
     fn read(&self, off: u64, buf: &mut [u8]) -> Result<()> {
-        self.0.read_at(buf, off)
+        self.0.read_internal(buf, off)
     }
 }
 
