@@ -360,6 +360,13 @@ fn repartitioning_changes_the_directory_without_remounting() {
         std::fs::metadata(parts.join("1.raw")).unwrap().len(),
         8 * MIB
     );
+    // A corrupt primary GPT: the backup one serves.
+    pwrite(&disk, 512, b"NOT PART").unwrap();
+    assert_eq!(
+        listing(&parts),
+        [("1.raw".into(), 8 * MIB), ("2.raw".into(), 40 * MIB)]
+    );
+    assert_eq!(xattr(&parts.join("2.raw"), "user.imgfs.partition.name"), "root");
     // Wiping the table removes the directory.
     ok("wipefs", &["-q", "-a", "-f", disk.to_str().unwrap()]);
     assert!(!parts.exists());
