@@ -366,7 +366,10 @@ fn repartitioning_changes_the_directory_without_remounting() {
         listing(&parts),
         [("1.raw".into(), 8 * MIB), ("2.raw".into(), 40 * MIB)]
     );
-    assert_eq!(xattr(&parts.join("2.raw"), "user.imgfs.partition.name"), "root");
+    assert_eq!(
+        xattr(&parts.join("2.raw"), "user.imgfs.partition.name"),
+        "root"
+    );
     // Wiping the table removes the directory.
     ok("wipefs", &["-q", "-a", "-f", disk.to_str().unwrap()]);
     assert!(!parts.exists());
