@@ -233,6 +233,16 @@ pub struct RealFile {
     file: File,
 }
 
+/// Closing drops this descriptor's OFD locks (`lock.rs`) explicitly first. A lock belongs to the
+/// open file description, and a child forked by another thread shares that description until its
+/// exec closes it: without the explicit unlock the image would stay locked for that moment after
+/// imgfs let go of it, and a qemu-img started right then would be refused.
+impl Drop for RealFile {
+    fn drop(&mut self) {
+        crate::lock::release_all(self.file.as_raw_fd());
+    }
+}
+
 impl RealFile {
     fn lseek(&self, off: u64, whence: i32) -> io::Result<Option<u64>> {
         let off = i64::try_from(off).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
