@@ -135,7 +135,10 @@ impl BlockMap for ModelMap {
     }
 
     fn write_zeroes(&self, off: u64, len: u64, _unmap: bool, _below: &dyn Below) -> Result<bool> {
-        assert!(off.is_multiple_of(G) && len.is_multiple_of(G), "engine passes whole clusters");
+        assert!(
+            off.is_multiple_of(G) && len.is_multiple_of(G),
+            "engine passes whole clusters"
+        );
         let mut c = self.clusters.lock();
         for i in off / G..(off + len) / G {
             c[i as usize] = Cluster::Zero;
