@@ -68,6 +68,16 @@ fn create(dir: &Path, fmt: &str) -> PathBuf {
     p
 }
 
+/// A fresh 64 MiB `fmt` image, mounted (with `extra` options) and given GPT_SCRIPT through the
+/// disk file. Drop order of the returned tuple: mount, then the directory.
+fn gpt_mount(fmt: &str, extra: &[&str]) -> (tempfile::TempDir, PathBuf, Mount) {
+    let t = tmpdir();
+    let img = create(t.path(), fmt);
+    let m = Mount::new(&[&img], &t.path().join("mnt"), extra);
+    sfdisk(&m.file("disk.raw"), GPT_SCRIPT);
+    (t, img, m)
+}
+
 fn xattr(p: &Path, name: &str) -> String {
     ok(
         "getfattr",
@@ -133,11 +143,8 @@ fn mbr_with_logical_partitions_on_raw_qcow2_vhdx() {
 
 #[test]
 fn gpt_ext4_through_a_partition_file_and_a_loop_device() {
-    let t = tmpdir();
-    let img = create(t.path(), "qcow2");
-    let m = Mount::new(&[&img], &t.path().join("mnt"), &[]);
+    let (t, img, m) = gpt_mount("qcow2", &[]);
     let disk = m.file("disk.raw");
-    sfdisk(&disk, GPT_SCRIPT);
     let root = m.file("disk.partitions/2.raw");
     assert_eq!(std::fs::metadata(&root).unwrap().len(), 40 * MIB);
     assert_eq!(xattr(&root, "user.imgfs.partition.name"), "root");
@@ -196,11 +203,8 @@ fn ensure_test_user() {
 #[test]
 fn fuse2fs_as_an_unprivileged_user() {
     ensure_test_user();
-    let t = tmpdir();
+    let (t, _img, m) = gpt_mount("qcow2", &["--allow-other"]);
     ok("chmod", &["0755", t.path().to_str().unwrap()]);
-    let img = create(t.path(), "qcow2");
-    let m = Mount::new(&[&img], &t.path().join("mnt"), &["--allow-other"]);
-    sfdisk(&m.file("disk.raw"), GPT_SCRIPT);
     let root = m.file("disk.partitions/2.raw");
     ok("mkfs.ext4", &["-q", "-F", root.to_str().unwrap()]);
     {
@@ -224,11 +228,8 @@ fn fuse2fs_as_an_unprivileged_user() {
 
 #[test]
 fn page_cache_coherence_between_disk_and_partition() {
-    let t = tmpdir();
-    let img = create(t.path(), "raw");
-    let m = Mount::new(&[&img], &t.path().join("mnt"), &[]);
+    let (_t, _img, m) = gpt_mount("raw", &[]);
     let disk = m.file("disk.raw");
-    sfdisk(&disk, GPT_SCRIPT);
     let part = m.file("disk.partitions/1.raw");
     let base = MIB;
     let rw = |p: &Path| {

@@ -484,22 +484,13 @@ fn gpt_at(
     Ok(Ok((h, array)))
 }
 
-/// A GUID in its usual text form (the first three fields are stored little-endian).
+/// A GUID in its usual text form, upper case as sfdisk and gdisk print it (the first three fields
+/// are stored little-endian).
 pub fn guid_string(g: &[u8; 16]) -> String {
-    format!(
-        "{:08X}-{:04X}-{:04X}-{:02X}{:02X}-{:02X}{:02X}{:02X}{:02X}{:02X}{:02X}",
-        u32::from_le_bytes([g[0], g[1], g[2], g[3]]),
-        u16::from_le_bytes([g[4], g[5]]),
-        u16::from_le_bytes([g[6], g[7]]),
-        g[8],
-        g[9],
-        g[10],
-        g[11],
-        g[12],
-        g[13],
-        g[14],
-        g[15]
-    )
+    uuid::Uuid::from_bytes_le(*g)
+        .hyphenated()
+        .to_string()
+        .to_uppercase()
 }
 
 /// A disk held in memory (fuzzing, unit tests).
