@@ -85,7 +85,11 @@ fn uring_read_write_fsync_discard_umount_qcow2_and_raw() {
         assert_eq!(transport_of(&mnt), "io_uring", "{fmt}");
         let f = m.file("disk.raw");
         // Whole-file buffered read (read-ahead: many 256 KiB requests) and direct reads.
-        assert_same(&std::fs::read(&f).unwrap(), &want, &format!("{fmt}: first read"));
+        assert_same(
+            &std::fs::read(&f).unwrap(),
+            &want,
+            &format!("{fmt}: first read"),
+        );
         let d = open_direct(&f, false);
         assert_same(
             &direct_read(&d, 3 << 20, 1 << 20),
@@ -105,11 +109,21 @@ fn uring_read_write_fsync_discard_umount_qcow2_and_raw() {
         want[31 << 20..(31 << 20) + 512].copy_from_slice(&small);
         // Discard and zero-range.
         let fs = f.to_str().unwrap();
-        ok("fallocate", &["--punch-hole", "-o", "65536", "-l", "131072", fs]);
+        ok(
+            "fallocate",
+            &["--punch-hole", "-o", "65536", "-l", "131072", fs],
+        );
         want[65536..65536 + 131072].fill(0);
-        ok("fallocate", &["--zero-range", "-o", "8392704", "-l", "4096", fs]);
+        ok(
+            "fallocate",
+            &["--zero-range", "-o", "8392704", "-l", "4096", fs],
+        );
         want[8392704..8392704 + 4096].fill(0);
-        assert_same(&std::fs::read(&f).unwrap(), &want, &format!("{fmt}: reread"));
+        assert_same(
+            &std::fs::read(&f).unwrap(),
+            &want,
+            &format!("{fmt}: reread"),
+        );
         let (umounted, err) = m.umount();
         assert!(umounted, "{fmt}: umount: {err}");
         assert_compare_bytes(fmt, &img, &want);
@@ -237,7 +251,11 @@ fn dev_transport_is_reported_and_unknown_ones_refused() {
     let mnt = t.path().join("mnt");
     let m = Mount::new(&[&img], &mnt, &["--transport", "dev"]);
     assert_eq!(transport_of(&mnt), "dev");
-    assert_same(&std::fs::read(m.file("disk.raw")).unwrap(), &want, "dev read");
+    assert_same(
+        &std::fs::read(m.file("disk.raw")).unwrap(),
+        &want,
+        "dev read",
+    );
     assert!(m.umount().0);
     let err = Mount::try_new(&[&img], &mnt, &["--transport", "carrier-pigeon"])
         .err()

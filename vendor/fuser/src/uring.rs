@@ -162,7 +162,9 @@ impl Slot {
             // Cannot happen with the negotiated sizes; fail the request rather than overflow.
             write_u32(self.ptr(IN_OUT), OUT_HEADER_SZ as u32);
             write_u32(self.ptr(IN_OUT + 4), (-libc::EIO) as u32);
-            result = Err(io::Error::other("reply larger than the ring payload buffer"));
+            result = Err(io::Error::other(
+                "reply larger than the ring payload buffer",
+            ));
             0
         } else if st.request_payload {
             st.staged.clear();
@@ -221,7 +223,11 @@ impl Slot {
         if !st.staged.is_empty() {
             // SAFETY: the handler has returned; the request bytes are no longer borrowed.
             unsafe {
-                std::ptr::copy_nonoverlapping(st.staged.as_ptr(), self.ptr(PAYLOAD), st.staged.len())
+                std::ptr::copy_nonoverlapping(
+                    st.staged.as_ptr(),
+                    self.ptr(PAYLOAD),
+                    st.staged.len(),
+                )
             };
             st.staged.clear();
         }
@@ -287,7 +293,9 @@ impl UringPool {
         let possible = cpu_list("possible");
         let nr_queues = possible.iter().max().map_or(0, |m| m + 1);
         if nr_queues == 0 || nr_queues > u16::MAX as usize {
-            return Err(io::Error::other("cannot read /sys/devices/system/cpu/possible"));
+            return Err(io::Error::other(
+                "cannot read /sys/devices/system/cpu/possible",
+            ));
         }
         let mut online: Vec<usize> = cpu_list("online")
             .into_iter()
@@ -297,7 +305,9 @@ impl UringPool {
             online = (0..nr_queues).collect();
         }
         let n = threads.max(online.len());
-        let mut qids: Vec<Vec<u16>> = (0..n).map(|i| vec![online[i % online.len()] as u16]).collect();
+        let mut qids: Vec<Vec<u16>> = (0..n)
+            .map(|i| vec![online[i % online.len()] as u16])
+            .collect();
         // Queues of CPUs that are not online never get requests but must have an entry
         // before the kernel uses the rings.
         for q in 0..nr_queues {
@@ -435,7 +445,14 @@ impl UringRing {
                 }
                 e.commit_id = read_u64(e.slot.ptr(ENT_COMMIT_ID));
                 self.handle(se, &sender, e);
-                let sqe = command(dev, CMD_COMMIT_AND_FETCH, e.qid, e.commit_id, None, i as u64);
+                let sqe = command(
+                    dev,
+                    CMD_COMMIT_AND_FETCH,
+                    e.qid,
+                    e.commit_id,
+                    None,
+                    i as u64,
+                );
                 e.last_cmd = CMD_COMMIT_AND_FETCH;
                 // SAFETY: commit reads the entry's registered buffers, alive as above.
                 unsafe { self.ring.submission().push(&sqe) }
@@ -455,8 +472,7 @@ impl UringRing {
         let len = read_u32(slot.ptr(IN_OUT)) as usize;
         let payload_sz = read_u32(slot.ptr(ENT_PAYLOAD_SZ)) as usize;
         let op_in = len.checked_sub(IN_HEADER_SZ + payload_sz);
-        let Some(op_in) = op_in.filter(|n| *n <= OP_IN_SZ && payload_sz <= slot.payload_cap)
-        else {
+        let Some(op_in) = op_in.filter(|n| *n <= OP_IN_SZ && payload_sz <= slot.payload_cap) else {
             error!("ring request with inconsistent sizes (len {len}, payload {payload_sz})");
             return self.fail(slot, e.commit_id);
         };
@@ -529,7 +545,10 @@ fn pin_to_cpu(cpu: usize) {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut set);
         if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
-            debug!("cannot pin ring thread to CPU {cpu}: {}", io::Error::last_os_error());
+            debug!(
+                "cannot pin ring thread to CPU {cpu}: {}",
+                io::Error::last_os_error()
+            );
         }
     }
 }
