@@ -172,10 +172,17 @@ pub fn unmount(mountpoint: &Path, lazy: bool) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Whether an error from a FUSE mount says its daemon is gone: ENOTCONN, or ECONNABORTED for a
+/// request caught in flight when the connection was aborted (with the io_uring transport the
+/// kernel aborts it only once the dead daemon's rings are torn down, a moment after its exit).
+pub fn is_dead_connection(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOTCONN | libc::ECONNABORTED))
+}
+
 /// A FUSE mount whose daemon died answers ENOTCONN: detach it so the mountpoint can be reused.
 pub fn clear_stale_mount(mountpoint: &Path) -> bool {
     match std::fs::metadata(mountpoint) {
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+        Err(e) if is_dead_connection(&e) => {
             log::warn!("{}: removing a stale FUSE mount", mountpoint.display());
             unmount(mountpoint, true).is_ok()
         }

@@ -227,8 +227,13 @@ fn uring_kill9_keeps_fsynced_data_and_remounts() {
         want[12 << 20..13 << 20].copy_from_slice(&data);
         ok("kill", &["-KILL", &pid.to_string()]);
         assert!(wait_until(10, || !process_alive(pid)), "{fmt}: kill -9");
-        std::mem::forget(m);
-        // The dead mount is cleared by the next mount, which serves the fsync'd data.
+        // `imgfs umount` recognises the dead daemon and removes the stale mount; a new mount
+        // serves the fsync'd data.
+        let (cleared, msg) = m.umount();
+        assert!(
+            cleared && msg.contains("stale"),
+            "{fmt}: umount after kill -9: {msg}"
+        );
         let m = Mount::new(&[&img], &mnt, &["--transport", "uring", "-F", fmt]);
         assert_same(
             &pread(&m.file("disk.raw"), 12 << 20, 1 << 20),
