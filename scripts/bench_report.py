@@ -85,12 +85,12 @@ if len(servers) > 2:
     print("\nall servers: MB/s, IOPS, spread %, daemon CPU µs per I/O; ratios with their targets ('!' = missed)")
     head = f"{'format':<7}{'case':<16}"
     for k in servers:
-        head += f"{k + ' MB/s':>17}{'IOPS':>8}{'±%':>5}{'cpu':>6}"
+        head += f"{k + ' MB/s':>17}{'IOPS':>8}{'±%':>5}{'cpu':>8}"
     uring, dev = ("imgfs-uring", "imgfs-dev") if "imgfs-uring" in kinds else (None, None)
     if uring and dev in kinds:
-        head += f"{'uring/dev':>12}"
+        head += f"{'uring/dev':>13}"
     if "qsd11" in kinds:
-        head += f"{primary + '/qsd11':>16}"
+        head += f"{primary + '/qsd11':>18}"
     print(head)
     for fmt in sorted({f for f, _, k in rows if k not in ("host", "hostbuf")}):
         for case in CASES:
@@ -100,12 +100,12 @@ if len(servers) > 2:
             for k in servers:
                 v = rows.get((fmt, case, k), [])
                 line += (f"{med([r[0] for r in v]):>17.1f}{med([r[1] for r in v]):>8.0f}"
-                         f"{spread([r[0] for r in v]):>5.0f}{med([r[3] for r in v]):>6.1f}")
+                         f"{spread([r[0] for r in v]):>5.0f}{med([r[3] for r in v]):>8.1f}")
             if uring and dev in kinds:
                 u, d = (med([r[0] for r in rows.get((fmt, case, k), [])]) for k in (uring, dev))
                 r = u / d if d else float("nan")
                 t = VS_DEV.get(case, 1.0)
-                line += f"{r:>7.2f}{'' if r >= t else ' !':>2}{t:>3.2g}"
+                line += f"{r:>8.2f}{'' if r >= t else ' !':>2}{t:>5.2f}"
             if "qsd11" in kinds:
                 a = med([r[0] for r in rows.get((fmt, case, primary), [])])
                 b = med([r[0] for r in rows.get((fmt, case, "qsd11"), [])])
@@ -114,7 +114,7 @@ if len(servers) > 2:
                 if case.endswith("-alloc") and fmt not in ALLOCATING:
                     t = None
                 mark = "" if t is None or r >= t else " !"
-                line += f"{r:>9.2f}{mark:>2}{'' if t is None else f'{t:.1f}':>5}"
+                line += f"{r:>11.2f}{mark:>2}{'' if t is None else f'{t:.1f}':>5}"
             print(line)
 if len(sys.argv) > 2:
     st = defaultdict(list)

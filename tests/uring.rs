@@ -55,7 +55,7 @@ fn image(dir: &Path, fmt: &str) -> (PathBuf, Vec<u8>) {
 /// process holds no descriptor in the mount.
 fn dd_write(dir: &Path, file: &Path, off: u64, data: &[u8], direct: bool) {
     let src = write_file(dir, "dd.src", data);
-    let mut args = vec![
+    let mut args = [
         format!("if={}", src.display()),
         format!("of={}", file.display()),
         format!("bs={}", data.len()),
