@@ -72,16 +72,37 @@ fn dd_write(dir: &Path, file: &Path, off: u64, data: &[u8], direct: bool) {
     ok("dd", &args);
 }
 
+/// A fresh `image` of `fmt` mounted with `--transport uring`: (its directory, the image, QEMU's
+/// bytes, the mountpoint, the mount).
+fn mounted(fmt: &str) -> (tempfile::TempDir, PathBuf, Vec<u8>, PathBuf, Mount) {
+    let t = tmpdir();
+    let (img, want) = image(t.path(), fmt);
+    let mnt = t.path().join("mnt");
+    let m = Mount::new(&[&img], &mnt, &["--transport", "uring", "-F", fmt]);
+    (t, img, want, mnt, m)
+}
+
+/// The image holds exactly `want` (QEMU's view) and, when it has metadata, passes qemu-img check.
+fn verify(fmt: &str, img: &Path, want: &[u8]) {
+    assert_compare_bytes(fmt, img, want);
+    if fmt != "raw" {
+        assert_check_clean(fmt, img);
+    }
+}
+
+fn umount_and_verify(m: Mount, fmt: &str, img: &Path, want: &[u8]) {
+    let (umounted, err) = m.umount();
+    assert!(umounted, "{fmt}: umount: {err}");
+    verify(fmt, img, want);
+}
+
 #[test]
 fn uring_read_write_fsync_discard_umount_qcow2_and_raw() {
     if !uring_ready("uring_read_write_fsync_discard_umount_qcow2_and_raw") {
         return;
     }
     for fmt in ["qcow2", "raw"] {
-        let t = tmpdir();
-        let (img, mut want) = image(t.path(), fmt);
-        let mnt = t.path().join("mnt");
-        let m = Mount::new(&[&img], &mnt, &["--transport", "uring", "-F", fmt]);
+        let (t, img, mut want, mnt, m) = mounted(fmt);
         assert_eq!(transport_of(&mnt), "io_uring", "{fmt}");
         let f = m.file("disk.raw");
         // Whole-file buffered read (read-ahead: many 256 KiB requests) and direct reads.
@@ -124,12 +145,7 @@ fn uring_read_write_fsync_discard_umount_qcow2_and_raw() {
             &want,
             &format!("{fmt}: reread"),
         );
-        let (umounted, err) = m.umount();
-        assert!(umounted, "{fmt}: umount: {err}");
-        assert_compare_bytes(fmt, &img, &want);
-        if fmt != "raw" {
-            assert_check_clean(fmt, &img);
-        }
+        umount_and_verify(m, fmt, &img, &want);
     }
 }
 
@@ -176,10 +192,7 @@ fn uring_many_requests_in_flight_keep_their_data() {
         want[*base as usize..*base as usize + data.len()].copy_from_slice(data);
     }
     assert_same(&std::fs::read(&f).unwrap(), &want, "after parallel writes");
-    let (umounted, err) = m.umount();
-    assert!(umounted, "umount: {err}");
-    assert_compare_bytes("qcow2", &img, &want);
-    assert_check_clean("qcow2", &img);
+    umount_and_verify(m, "qcow2", &img, &want);
 }
 
 #[test]
@@ -188,10 +201,7 @@ fn uring_sigterm_flushes_and_exits() {
         return;
     }
     for fmt in ["qcow2", "raw"] {
-        let t = tmpdir();
-        let (img, mut want) = image(t.path(), fmt);
-        let mnt = t.path().join("mnt");
-        let m = Mount::new(&[&img], &mnt, &["--transport", "uring", "-F", fmt]);
+        let (t, img, mut want, mnt, m) = mounted(fmt);
         let pid = m.pid();
         let data = random_bytes(9, 200_000);
         dd_write(t.path(), &m.file("disk.raw"), 5_000_000, &data, false);
@@ -203,10 +213,7 @@ fn uring_sigterm_flushes_and_exits() {
         );
         assert!(!is_mounted(&mnt), "{fmt}: still mounted after SIGTERM");
         std::mem::forget(m);
-        assert_compare_bytes(fmt, &img, &want);
-        if fmt != "raw" {
-            assert_check_clean(fmt, &img);
-        }
+        verify(fmt, &img, &want);
     }
 }
 
@@ -216,11 +223,8 @@ fn uring_kill9_keeps_fsynced_data_and_remounts() {
         return;
     }
     for fmt in ["qcow2", "raw"] {
-        let t = tmpdir();
-        let (img, mut want) = image(t.path(), fmt);
-        let mnt = t.path().join("mnt");
+        let (t, img, mut want, mnt, m) = mounted(fmt);
         let _guard = MountGuard(mnt.clone());
-        let m = Mount::new(&[&img], &mnt, &["--transport", "uring", "-F", fmt]);
         let pid = m.pid();
         let data = random_bytes(11, 1 << 20);
         dd_write(t.path(), &m.file("disk.raw"), 12 << 20, &data, true);
@@ -240,12 +244,7 @@ fn uring_kill9_keeps_fsynced_data_and_remounts() {
             &data,
             &format!("{fmt}: fsync'd data after kill -9"),
         );
-        let (umounted, err) = m.umount();
-        assert!(umounted, "{fmt}: umount: {err}");
-        assert_compare_bytes(fmt, &img, &want);
-        if fmt != "raw" {
-            assert_check_clean(fmt, &img);
-        }
+        umount_and_verify(m, fmt, &img, &want);
     }
 }
 
