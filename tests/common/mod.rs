@@ -454,3 +454,32 @@ pub fn exercise_damaged(
         }
     }
 }
+
+/// Make /sbin/mount.fuse.imgfs point at the binary under test for the duration of a test.
+pub struct MountHelper {
+    created: bool,
+}
+
+impl MountHelper {
+    pub fn install() -> MountHelper {
+        let link = Path::new("/sbin/mount.fuse.imgfs");
+        let created = match std::fs::read_link(link) {
+            Ok(target) if target == Path::new(IMGFS) => false,
+            Ok(_) | Err(_) if link.exists() && std::fs::read_link(link).is_err() => false,
+            _ => {
+                let _ = std::fs::remove_file(link);
+                std::os::unix::fs::symlink(IMGFS, link).unwrap();
+                true
+            }
+        };
+        MountHelper { created }
+    }
+}
+
+impl Drop for MountHelper {
+    fn drop(&mut self) {
+        if self.created {
+            let _ = std::fs::remove_file("/sbin/mount.fuse.imgfs");
+        }
+    }
+}
