@@ -156,6 +156,10 @@ fn user_mounts_writes_fsyncs_and_unmounts_through_fusermount3() {
         ],
     );
     assert_same(&back.stdout, &data, "read back as the user");
+    // Root cannot look inside (no allow_other): imgfs umount says whose mount it is.
+    let (done, err) = umount_dir(&mnt);
+    assert!(!done && err.contains("another user"), "{err}");
+    assert!(is_mounted(&mnt));
     // imgfs umount as the user goes through fusermount3 -u and waits for the clean close.
     as_user_ok(IMGFS, &["umount", s(&mnt)]);
     assert!(!is_mounted(&mnt));

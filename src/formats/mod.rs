@@ -201,3 +201,49 @@ pub fn le64(b: &[u8], at: usize) -> u64 {
 pub fn le32(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(at: usize, magic: &[u8]) -> Vec<u8> {
+        let mut b = vec![0u8; 4096];
+        b[at..at + magic.len()].copy_from_slice(magic);
+        b
+    }
+
+    #[test]
+    fn containers_are_refused_by_name_and_registered_formats_win() {
+        let zeros = vec![0u8; 4096];
+        assert_eq!(detect(&zeros, &zeros).unwrap().name(), "raw");
+        let vdi = with(0x40, b"\x7f\x10\xda\xbe");
+        let e = detect(&vdi, &zeros).err().expect("refused");
+        assert!(e.to_string().starts_with("VDI image"), "{e}");
+        // Trailers are looked for at the end: a fixed VHD's footer, DMG's koly block.
+        let fixed = with(4096 - 512, b"conectix");
+        assert!(detect(&zeros, &fixed)
+            .err()
+            .expect("refused")
+            .to_string()
+            .contains("fixed VHD"));
+        let dmg = with(4096 - 512, b"koly");
+        assert!(detect(&zeros, &dmg)
+            .err()
+            .expect("refused")
+            .to_string()
+            .contains("DMG"));
+        // The same bytes elsewhere are just data.
+        assert_eq!(detect(&zeros, &with(0, b"koly")).unwrap().name(), "raw");
+        // A signature whose format is registered is served by it, never refused: a qcow2 magic
+        // with a version qcow2's probe rejects goes to qcow2 (whose open then says why).
+        let v9 = {
+            let mut b = with(0, b"QFI\xfb");
+            b[7] = 9;
+            b
+        };
+        assert_eq!(detect(&v9, &zeros).unwrap().name(), "qcow2");
+        // image_magic (the raw-write guard) sees start-of-file signatures only.
+        assert_eq!(image_magic(&with(0, b"KDMV")), Some("VMDK"));
+        assert_eq!(image_magic(&fixed), None);
+    }
+}

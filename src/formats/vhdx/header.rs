@@ -240,12 +240,14 @@ impl Headers {
             // for writing).
             (Some(a), Some(b)) => match a.disagreement(b) {
                 None => 0,
-                Some(field) => return Err(Error::corrupt(format!(
+                Some(field) => {
+                    return Err(Error::corrupt(format!(
                     "both VHDX headers are valid with sequence number {} but differ in {field}: \
                          cannot tell which is current",
                     a.sequence_number
                 ))
-                .at(HEADER_OFFSETS[1])),
+                    .at(HEADER_OFFSETS[1]))
+                }
             },
         };
         let h = Headers { slots, current };
