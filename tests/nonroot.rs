@@ -285,17 +285,7 @@ fn unreadable_image_or_backing_file_is_named() {
     qemu_img(&["create", "-q", "-f", "qcow2", s(&base), "1M"]);
     std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o600)).unwrap();
     let top = t.path().join("top.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        s(&top),
-    ]);
+    qcow2_overlay(&top, "base.qcow2");
     chown(&top);
     let out = as_user(IMGFS, &["mount", "-r", s(&top), s(&mnt)]);
     assert!(!out.status.success());

@@ -30,6 +30,21 @@ pub fn qemu_img(args: &[&str]) -> String {
 }
 
 /// `qemu-io -f FMT IMG -c CMD...`, each command must succeed.
+/// `qemu-img create -f qcow2 -b BACKING -F qcow2 TOP` (BACKING as written into the header).
+pub fn qcow2_overlay(top: &Path, backing: &str) {
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        backing,
+        "-F",
+        "qcow2",
+        top.to_str().unwrap(),
+    ]);
+}
+
 pub fn qemu_io(fmt: &str, img: &Path, cmds: &[&str]) {
     let mut args = vec!["-f", fmt, img.to_str().unwrap()];
     for c in cmds {
