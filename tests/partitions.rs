@@ -203,7 +203,9 @@ fn ensure_test_user() {
 #[test]
 fn fuse2fs_as_an_unprivileged_user() {
     ensure_test_user();
-    let (t, _img, m) = gpt_mount("qcow2", &["--allow-other"]);
+    // Root mounts for everybody and gives the files to the user (--uid): the user then opens the
+    // partition's filesystem with fuse2fs and writes to it, with no privileges.
+    let (t, _img, m) = gpt_mount("qcow2", &["--allow-other", "--uid", "imgfs-test"]);
     ok("chmod", &["0755", t.path().to_str().unwrap()]);
     let root = m.file("disk.partitions/2.raw");
     ok("mkfs.ext4", &["-q", "-F", root.to_str().unwrap()]);
@@ -212,18 +214,27 @@ fn fuse2fs_as_an_unprivileged_user() {
         let km = KernelMount::new(&lo.dev, &t.path().join("ext4"));
         std::fs::write(km.dir.join("from-root.txt"), b"written as root\n").unwrap();
     }
-    // The user mounts the partition's filesystem with fuse2fs and reads it: no privileges.
     let fsdir = t.path().join("user-ext4");
     std::fs::create_dir(&fsdir).unwrap();
     ok("chown", &["imgfs-test", fsdir.to_str().unwrap()]);
+    // fuse2fs runs in the foreground so that `wait` returns only once it has written everything
+    // back and exited; the loop waits (bounded) for its mount to appear.
     let script = format!(
-        "fuse2fs -o ro,fakeroot {root} {dir} && cat {dir}/from-root.txt; r=$?; fusermount3 -u {dir}; exit $r",
+        "fuse2fs -f -o fakeroot {root} {dir} >&2 & pid=$!; i=0; \
+         until mountpoint -q {dir}; do i=$((i+1)); [ $i -gt 400 ] && exit 9; sleep 0.05; done; \
+         echo 'written by fuse2fs' > {dir}/from-user.txt && cat {dir}/from-root.txt; r=$?; \
+         fusermount3 -u {dir}; wait $pid; exit $r",
         root = root.display(),
         dir = fsdir.display()
     );
     let out = ok("runuser", &["-u", "imgfs-test", "--", "sh", "-c", &script]);
     assert_eq!(out, "written as root\n");
     ok("e2fsck", &["-fn", root.to_str().unwrap()]);
+    let got = ok(
+        "debugfs",
+        &["-R", "cat /from-user.txt", root.to_str().unwrap()],
+    );
+    assert_eq!(got, "written by fuse2fs\n");
 }
 
 #[test]

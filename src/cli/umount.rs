@@ -16,7 +16,7 @@ pub fn run(args: UmountArgs) -> i32 {
     let mp = &args.mountpoint;
     let pid = match daemon_pid(mp) {
         Ok(pid) => pid,
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+        Err(e) if daemon::is_dead_connection(&e) => {
             // The daemon is gone (killed): just remove the dead mount.
             return match daemon::unmount(mp, true) {
                 Ok(()) => {
@@ -31,6 +31,15 @@ pub fn run(args: UmountArgs) -> i32 {
                     1
                 }
             };
+        }
+        Err(e) if e.raw_os_error() == Some(libc::EACCES) => {
+            // FUSE lets nobody but the mounting user in without allow_other, not even root.
+            eprintln!(
+                "imgfs: {}: mounted by another user without --allow-other; run imgfs umount as \
+                 that user (or plain umount, which does not wait for the daemon)",
+                mp.display()
+            );
+            return 1;
         }
         Err(e) => {
             eprintln!("imgfs: {}: not an imgfs mount ({e})", mp.display());
