@@ -104,6 +104,7 @@ fn mount(args: &MountArgs) -> Result<i32> {
     }
     let signals = daemon::block_signals();
     let fs = ImgFs::new(images, args.read_only, args.passthrough);
+    let notifier = fs.notifier_slot();
     let dev = daemon::mount_fuse(&daemon::FuseMount {
         mountpoint,
         source: &fs_name(&files),
@@ -132,6 +133,7 @@ fn mount(args: &MountArgs) -> Result<i32> {
             ));
         }
     };
+    let _ = notifier.set(session.notifier());
     log::info!("mounted on {}", mountpoint.display());
     daemon::watch_signals(signals, mountpoint.to_path_buf());
     daemon::notify_ready();
