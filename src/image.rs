@@ -636,6 +636,11 @@ impl Image {
         self.resize_inner(new_size, true)
     }
 
+    /// Whether `resize_allow_shrink` can make this image smaller.
+    pub fn can_shrink(&self) -> bool {
+        self.map.can_shrink()
+    }
+
     fn resize_inner(&self, new_size: u64, allow_shrink: bool) -> Result<()> {
         self.check_writable()?;
         let _one_at_a_time = self.resizing.lock();
@@ -655,16 +660,17 @@ impl Image {
             )
             .in_file(&self.path));
         }
-        if new_size < old && !self.map.can_shrink() {
+        if new_size < old && !self.can_shrink() {
             return Err(Error::unsupported(format!(
                 "shrinking {} images is not supported (it would discard data past the new end)",
                 self.format
             ))
             .in_file(&self.path));
         }
-        self.map
-            .resize(new_size)
-            .map_err(|e| self.failed("resize", old, e))?;
+        self.map.resize(new_size).map_err(|e| {
+            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+            e.in_file(&self.path)
+        })?;
         self.size.store(new_size, Ordering::Release);
         // A backing file longer than the old size would show through the new range: the new
         // range must read as zeros, as QEMU makes it.
