@@ -390,7 +390,10 @@ fn qed_growth_past_its_table_geometry_is_a_clear_error() {
     let (code, _, err) = imgfs(&["resize", img.to_str().unwrap(), "5G"]);
     assert_eq!(code, 1);
     assert!(err.contains("maps at most 4294967296 bytes"), "{err}");
-    let q = run("qemu-img", &["resize", "-f", "qed", img.to_str().unwrap(), "5G"]);
+    let q = run(
+        "qemu-img",
+        &["resize", "-f", "qed", img.to_str().unwrap(), "5G"],
+    );
     assert_eq!(q.status.code(), Some(1), "QEMU refuses it too");
     let (code, _, err) = imgfs(&["resize", img.to_str().unwrap(), "4G"]);
     assert_eq!(code, 0, "{err}");
