@@ -420,3 +420,55 @@ fn offline_resize_of_a_mounted_image_is_refused_by_the_lock() {
     assert_eq!(code, 0, "{err}");
     assert_eq!(virtual_size(&img), 5 * MIB);
 }
+
+/// Writes and reads go on while the disk grows (qcow2 with 4 KiB clusters: each step moves the
+/// L1 table), and every byte written is there afterwards.
+#[test]
+fn growing_while_writing() {
+    let t = tmpdir();
+    let img = t.path().join("disk.qcow2");
+    create("qcow2", "cluster_size=4096", &img, "4M");
+    let m = Mount::new(&[&img], &t.path().join("m"), &[]);
+    let disk = m.file("disk.raw");
+    let writer = {
+        let disk = disk.clone();
+        std::thread::spawn(move || {
+            let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+            let mut want = vec![0u8; 4 * MIB as usize];
+            for i in 0..400u64 {
+                let off = (i * 7919 * 4096) % (4 * MIB);
+                let data = random_bytes(i, 4096);
+                f.write_all_at(&data, off).unwrap();
+                put(&mut want, off, &data);
+            }
+            want
+        })
+    };
+    let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+    for step in 1..=8u64 {
+        f.set_len(4 * MIB + step * 8 * MIB).unwrap();
+        let tail = random_bytes(1000 + step, 512);
+        f.write_all_at(&tail, 4 * MIB + step * 8 * MIB - 512)
+            .unwrap();
+    }
+    let mut want = writer.join().unwrap();
+    want.resize(68 * MIB as usize, 0);
+    for step in 1..=8u64 {
+        put(
+            &mut want,
+            4 * MIB + step * 8 * MIB - 512,
+            &random_bytes(1000 + step, 512),
+        );
+    }
+    f.sync_all().unwrap();
+    drop(f);
+    assert_same(
+        &pread(&disk, 0, want.len()),
+        &want,
+        "after concurrent growth",
+    );
+    let (umounted, err) = m.umount();
+    assert!(umounted, "umount: {err}");
+    assert_check_clean("qcow2", &img);
+    assert_compare_bytes("qcow2", &img, &want);
+}
