@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue-7 reliability numbers: >= 1,000 simulated power cuts per writable format (engine on the
-# fault-injecting host file) and >= 20 kill -9 runs per format against real mounted daemons.
+# fault-injecting host file) and >= 20 kill -9 runs per format against real mounted daemons;
+# powercut_resize_* add online grows to the workload (IMGFS_CUTS/8 cuts per format).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh

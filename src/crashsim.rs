@@ -4,7 +4,9 @@
 //! `FaultFile`. At a random point the power is cut: the image keeps what was synced plus a random
 //! subset of later writes in random order. The image must then open again, and every byte whose
 //! last change was acknowledged before the last completed fsync must read back. Bytes changed after
-//! that fsync may hold old or new data (or be torn), as on a real disk.
+//! that fsync may hold old or new data (or be torn), as on a real disk. With `resize_pct` the
+//! workload also grows the disk; the reopened image must then have either the size before the
+//! resize the cut interrupted or the size after it, and read zeros in the grown range.
 
 use crate::error::{Error, Result};
 use crate::host::{FaultFile, SplitMix64};
@@ -22,6 +24,10 @@ pub struct Workload {
     pub fsync_pct: u64,
     /// Metadata cache budget; small values force table evictions (write-back between fsyncs).
     pub cache_size: u64,
+    /// Out of 100: chance that an operation grows the disk (by up to `grow_max` bytes, whole
+    /// sectors, at most four times the initial size in all).
+    pub resize_pct: u64,
+    pub grow_max: u64,
 }
 
 impl Default for Workload {
@@ -32,6 +38,8 @@ impl Default for Workload {
             discard_pct: 10,
             fsync_pct: 12,
             cache_size: crate::image::DEFAULT_CACHE_SIZE,
+            resize_pct: 0,
+            grow_max: 8 << 20,
         }
     }
 }
@@ -45,6 +53,8 @@ pub struct CutResult {
     pub fsyncs: usize,
     /// Metadata tables evicted from the cache (written back when dirty) before the cut.
     pub evictions: u64,
+    /// Resizes that completed before the cut.
+    pub resizes: usize,
 }
 
 /// Run one seeded workload on an image whose initial bytes are `initial`, cut the power, and check
@@ -66,7 +76,12 @@ pub fn run_cut(
         ..OpenOpts::default()
     };
     let img = Image::open_host(fault.host_file(name, true), &opts)?;
-    let size = img.size();
+    let mut size = img.size();
+    let size_cap = size * 4;
+    // Sizes the reopened image may have: the current one, plus the target of a resize the cut
+    // interrupted.
+    let mut sizes = vec![size];
+    let mut resizes = 0;
     let mut model = vec![0u8; size as usize];
     img.read_at(&mut model, 0)?;
     // `durable` = guest content as of the last completed fsync; `unsure` marks bytes changed since.
@@ -94,6 +109,28 @@ pub fn run_cut(
             ops_done += 1;
             continue;
         }
+        if roll >= 100 - work.resize_pct {
+            let grow = (1 + rng.below(work.grow_max.max(512))).div_ceil(512) * 512;
+            let new = (size + grow).min(size_cap.max(size));
+            sizes = vec![size, new];
+            // A resize is a few writes among hundreds: aim half the cuts of a resizing workload
+            // at one of its own writes.
+            if rng.below(2) == 0 {
+                fault.fail_after_writes(rng.below(6));
+            }
+            if img.resize(new).is_err() {
+                break;
+            }
+            size = new;
+            sizes = vec![size];
+            for v in [&mut model, &mut durable] {
+                v.resize(size as usize, 0);
+            }
+            unsure.resize(size as usize, false);
+            resizes += 1;
+            ops_done += 1;
+            continue;
+        }
         let (off, len) = random_range(&mut rng, size, work.max_write);
         let range = off as usize..(off + len) as usize;
         // Whatever happens to this operation, its range may now hold old or new bytes.
@@ -116,22 +153,28 @@ pub fn run_cut(
     // The crashed bytes are taken; whatever closing `img` writes now goes to the discarded
     // in-memory file. (Forgetting it instead would leak the whole image on every cut.)
     drop(img);
-    check_after_cut(&image, name, format, &durable, &unsure, seed)?;
+    let largest = sizes.iter().copied().max().unwrap_or(size) as usize;
+    durable.resize(largest, 0);
+    unsure.resize(largest, false);
+    check_after_cut(&image, name, format, &durable, &unsure, &sizes, seed)?;
     Ok(CutResult {
         image,
         ops_done,
         fsyncs,
         evictions,
+        resizes,
     })
 }
 
-/// Reopen the crashed bytes read-only and read-write, and compare with what was durable.
+/// Reopen the crashed bytes read-only and read-write, and compare with what was durable. The
+/// image must have one of `sizes`; `durable` covers the largest.
 fn check_after_cut(
     image: &[u8],
     name: &Path,
     format: &str,
     durable: &[u8],
     unsure: &[bool],
+    sizes: &[u64],
     seed: u64,
 ) -> Result<()> {
     for read_only in [true, false] {
@@ -144,9 +187,17 @@ fn check_after_cut(
         };
         let img = Image::open_host(fault.host_file(name, !read_only), &opts)
             .map_err(|e| Error::corrupt(format!("seed {seed}: reopen after cut failed: {e}")))?;
-        let mut got = vec![0u8; durable.len()];
+        let size = img.size();
+        if !sizes.contains(&size) {
+            return Err(Error::corrupt(format!(
+                "seed {seed}: reopened with virtual size {size}, expected one of {sizes:?} \
+                 (read_only={read_only})"
+            )));
+        }
+        let n = size as usize;
+        let mut got = vec![0u8; n];
         img.read_at(&mut got, 0)?;
-        if let Some(i) = first_lost_byte(&got, durable, unsure) {
+        if let Some(i) = first_lost_byte(&got, &durable[..n], &unsure[..n]) {
             return Err(Error::corrupt(format!(
                 "seed {seed}: fsync'd byte at guest offset {i:#x} lost after cut \
                  (read {:#04x}, expected {:#04x}, read_only={read_only})",
@@ -205,23 +256,41 @@ pub fn run_many(
 mod tests {
     use super::*;
 
-    #[test]
-    fn raw_survives_cuts() {
+    /// 50 cuts of a raw 1 MiB disk growing `resize_pct` of the time; returns the resizes done.
+    fn raw_cuts(resize_pct: u64) -> usize {
         let work = Workload {
             ops: 40,
             max_write: 8192,
+            resize_pct,
+            grow_max: 256 << 10,
             ..Workload::default()
         };
+        let mut resizes = 0;
         let n = run_many(
             &vec![0u8; 1 << 20],
             Path::new("/nonexistent/raw.img"),
             "raw",
             0..50,
             &work,
-            |_, _| Ok(()),
+            |_, r| {
+                resizes += r.resizes;
+                Ok(())
+            },
         )
         .unwrap();
         assert_eq!(n, 50);
+        resizes
+    }
+
+    #[test]
+    fn raw_survives_cuts() {
+        assert_eq!(raw_cuts(0), 0);
+    }
+
+    #[test]
+    fn raw_survives_cuts_while_growing() {
+        let resizes = raw_cuts(10);
+        assert!(resizes > 20, "only {resizes} resizes in 50 workloads");
     }
 
     #[test]
@@ -229,8 +298,16 @@ mod tests {
         // A FaultFile whose syncs "succeed" but keep nothing must be caught by the checker.
         let durable = vec![1u8; 16];
         let unsure = vec![false; 16];
-        let e =
-            check_after_cut(&[0u8; 16], Path::new("x"), "raw", &durable, &unsure, 7).unwrap_err();
+        let e = check_after_cut(
+            &[0u8; 16],
+            Path::new("x"),
+            "raw",
+            &durable,
+            &unsure,
+            &[16],
+            7,
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("lost after cut"), "{e}");
     }
 }

@@ -218,6 +218,23 @@ pub trait BlockMap: Send + Sync {
         Vec::new()
     }
 
+    /// Change the virtual size to `new_size`, durably and crash-safely: after a power cut at any
+    /// point the image opens with either the old or the new size. Growing makes the new range
+    /// read as zeros (or as the backing file, where it still reaches); shrinking is asked for
+    /// only by an offline `imgfs resize --shrink`, after the engine has discarded the tail.
+    /// Concurrent reads and writes of the old range go on while this runs; the engine never
+    /// calls it twice at once.
+    fn resize(&self, new_size: u64) -> Result<()> {
+        let _ = new_size;
+        Err(Error::unsupported("this image format cannot be resized"))
+    }
+
+    /// Whether `resize` may shrink this format (it discards nothing itself; the engine zeroes
+    /// the tail first).
+    fn can_shrink(&self) -> bool {
+        false
+    }
+
     /// A read-only view of an internal snapshot (qcow2).
     fn open_snapshot(&self, id: &str) -> Result<Box<dyn BlockMap>> {
         Err(Error::unsupported(format!("no snapshot {id:?}")))

@@ -118,7 +118,10 @@ pub struct Image {
     /// Set when a corrupt structure was found at runtime: no further writes.
     degraded: AtomicBool,
     closed: AtomicBool,
-    size: u64,
+    /// Virtual size; grows online (`resize`), never shrinks while open for I/O.
+    size: AtomicU64,
+    /// Serialises resizes.
+    resizing: parking_lot::Mutex<()>,
     granule: u64,
     pub stats: IoStats,
 }
@@ -215,7 +218,8 @@ impl Image {
             probed_raw,
             degraded: AtomicBool::new(false),
             closed: AtomicBool::new(false),
-            size: info.virtual_size,
+            size: AtomicU64::new(info.virtual_size),
+            resizing: parking_lot::Mutex::new(()),
             granule: info.cluster_size.max(1),
             map,
             stats: IoStats::default(),
@@ -268,7 +272,7 @@ impl Image {
         &self.path
     }
     pub fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
     }
     pub fn format(&self) -> &'static str {
         self.format
@@ -295,7 +299,7 @@ impl Image {
     /// engine: only a raw image whose guest bytes are its file bytes, and only when no engine rule
     /// applies to writes (format given explicitly, or read-only).
     pub fn passthrough_file(&self) -> Option<&HostFile> {
-        let exact = self.format == "raw" && self.host_len() == self.size;
+        let exact = self.format == "raw" && self.host_len() == self.size();
         (exact && (!self.probed_raw || self.read_only)).then_some(&self.data)
     }
 
@@ -313,10 +317,10 @@ impl Image {
 
     fn check_range(&self, off: u64, len: u64) -> Result<()> {
         match off.checked_add(len) {
-            Some(end) if end <= self.size => Ok(()),
+            Some(end) if end <= self.size() => Ok(()),
             _ => Err(Error::invalid(format!(
                 "range {off:#x}+{len:#x} past the virtual size {:#x}",
-                self.size
+                self.size()
             ))
             .in_file(&self.path)),
         }
@@ -394,7 +398,7 @@ impl Image {
                     let inside = self
                         .backing
                         .as_ref()
-                        .map_or(0, |b| b.size.saturating_sub(pos).min(n as u64) as usize);
+                        .map_or(0, |b| b.size().saturating_sub(pos).min(n as u64) as usize);
                     if let Some(b) = self.backing.as_ref().filter(|_| inside > 0) {
                         b.plan_into(pos, inside, plan)?;
                     }
@@ -588,10 +592,10 @@ impl Image {
         let Some(b) = &self.backing else {
             return Ok(true);
         };
-        if off >= b.size {
+        if off >= b.size() {
             return Ok(true);
         }
-        let end = (off + len).min(b.size);
+        let end = (off + len).min(b.size());
         let mut pos = off;
         while pos < end {
             let ext = b.map.map_read(pos, end - pos)?;
@@ -623,6 +627,72 @@ impl Image {
         r
     }
 
+    /// Grow the virtual disk to `new_size` (online: `truncate`, `ftruncate`, `fallocate` past
+    /// the end). A smaller size is refused with a Permission error (EPERM) and a log line naming
+    /// both sizes: shrinking destroys data, and only `imgfs resize --shrink` does it, offline.
+    pub fn resize(&self, new_size: u64) -> Result<()> {
+        self.resize_inner(new_size, false)
+    }
+
+    /// `resize`, allowing a shrink where the format supports it (offline `imgfs resize --shrink`).
+    pub fn resize_allow_shrink(&self, new_size: u64) -> Result<()> {
+        self.resize_inner(new_size, true)
+    }
+
+    /// Whether `resize_allow_shrink` can make this image smaller.
+    pub fn can_shrink(&self) -> bool {
+        self.map.can_shrink()
+    }
+
+    fn resize_inner(&self, new_size: u64, allow_shrink: bool) -> Result<()> {
+        self.check_writable()?;
+        let _one_at_a_time = self.resizing.lock();
+        let old = self.size();
+        if new_size == old {
+            return Ok(());
+        }
+        if new_size < old && !allow_shrink {
+            log::warn!(
+                "{}: refusing to shrink the virtual disk from {old} to {new_size} bytes \
+                 (shrinking destroys data; use `imgfs resize --shrink` on the unmounted image)",
+                self.path.display()
+            );
+            return Err(Error::new(
+                ErrorKind::Permission,
+                format!("refusing to shrink the virtual disk from {old} to {new_size} bytes"),
+            )
+            .in_file(&self.path));
+        }
+        if new_size < old && !self.can_shrink() {
+            return Err(Error::unsupported(format!(
+                "shrinking {} images is not supported (it would discard data past the new end)",
+                self.format
+            ))
+            .in_file(&self.path));
+        }
+        self.map.resize(new_size).map_err(|e| {
+            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+            e.in_file(&self.path)
+        })?;
+        self.size.store(new_size, Ordering::Release);
+        // A backing file longer than the old size would show through the new range: the new
+        // range must read as zeros, as QEMU makes it.
+        let shown = self
+            .backing
+            .as_ref()
+            .map_or(0, |b| b.size().min(new_size).saturating_sub(old));
+        if shown > 0 {
+            self.zero_inner(old, shown, false)
+                .and_then(|()| self.map.flush())
+                .map_err(|e| self.failed("resize", old, e))?;
+        }
+        log::info!(
+            "{}: virtual disk resized from {old} to {new_size} bytes",
+            self.path.display()
+        );
+        Ok(())
+    }
+
     /// Flush and close cleanly (clear dirty flags). Idempotent; the backing chain is read-only
     /// and needs no close.
     pub fn close(&self) -> Result<()> {
@@ -643,12 +713,13 @@ impl Image {
 
     /// Next guest offset >= `off` in a hole (SEEK_HOLE); the virtual size if none.
     pub fn seek_hole(&self, off: u64) -> Result<u64> {
-        Ok(self.seek(off, false)?.unwrap_or(self.size))
+        Ok(self.seek(off, false)?.unwrap_or(self.size()))
     }
 
     fn seek(&self, mut off: u64, want_data: bool) -> Result<Option<u64>> {
-        while off < self.size {
-            let ext = self.map.map_status(off, self.size - off)?;
+        let size = self.size();
+        while off < size {
+            let ext = self.map.map_status(off, size - off)?;
             let n = ext.len().max(1);
             let is_data = match ext {
                 Extent::Data { .. } | Extent::Format { .. } => Some(true),
@@ -674,10 +745,10 @@ impl Image {
         let Some(b) = &self.backing else {
             return Ok((!want_data).then_some(off));
         };
-        if off >= b.size {
+        if off >= b.size() {
             return Ok((!want_data).then_some(off));
         }
-        let end = (off + len).min(b.size);
+        let end = (off + len).min(b.size());
         let found = if want_data {
             b.seek_data(off)?
         } else {
@@ -685,7 +756,7 @@ impl Image {
         };
         Ok(match found {
             Some(p) if p < end => Some(p),
-            _ if !want_data && off + len > b.size => Some(b.size),
+            _ if !want_data && off + len > b.size() => Some(b.size()),
             _ => None,
         })
     }
@@ -700,7 +771,7 @@ impl Below for Image {
                 Ok(())
             }
             Some(b) => {
-                let inside = b.size.saturating_sub(off).min(buf.len() as u64) as usize;
+                let inside = b.size().saturating_sub(off).min(buf.len() as u64) as usize;
                 let (head, tail) = buf.split_at_mut(inside);
                 if !head.is_empty() {
                     b.read_inner(head, off)?;
@@ -712,7 +783,7 @@ impl Below for Image {
     }
 
     fn zeros_below(&self, off: u64, _len: u64) -> bool {
-        self.backing.as_ref().is_none_or(|b| off >= b.size)
+        self.backing.as_ref().is_none_or(|b| off >= b.size())
     }
 }
 

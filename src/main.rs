@@ -21,6 +21,8 @@ enum Cmd {
     Create(cli::create::CreateArgs),
     /// Check (and repair) an image's metadata; exit codes as qemu-img check.
     Check(cli::check::CheckArgs),
+    /// Grow (or with --shrink, shrink) an unmounted image; qemu-img resize conventions.
+    Resize(cli::resize::ResizeArgs),
     /// List internal snapshots.
     Snapshot(cli::snapshot::SnapshotArgs),
     /// Show per-image statistics of a mount.
@@ -57,6 +59,7 @@ fn main() {
         Cmd::Info(a) => cli::info::run(a),
         Cmd::Create(a) => cli::create::run(a),
         Cmd::Check(a) => cli::check::run(a),
+        Cmd::Resize(a) => cli::resize::run(a),
         Cmd::Snapshot(a) => cli::snapshot::run(a),
         Cmd::Stats(a) => cli::stats::run(a),
         Cmd::Completions { shell } => {

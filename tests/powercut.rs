@@ -3,7 +3,10 @@
 //! synced plus a random subset of later writes in random order, then: the image reopens (read-only and
 //! read-write), every byte fsync'd before the cut reads back, and `qemu-img check` finds no corruption
 //! (leaks allowed) on a sample of the crashed images. `IMGFS_CUTS=N` sets the cuts per format
-//! (scripts/crash-bench.sh runs 1,000+); the counts are printed.
+//! (scripts/crash-bench.sh runs 1,000+); the counts are printed. The `powercut_resize_*` tests
+//! add online grows to the workload (an eighth of the cuts): the reopened image has the size
+//! before or after the interrupted resize, reads zeros in the grown range, and passes
+//! `qemu-img check` with the size it reports.
 
 mod common;
 use common::*;
@@ -32,15 +35,24 @@ fn variants(fmt: &str) -> Vec<(&'static str, &'static str)> {
 }
 
 fn powercut(fmt: &str) {
+    powercut_with(fmt, 0, cuts());
+}
+
+/// Cuts with online grows in the workload (qcow2's 4 KiB clusters: every L2 table maps 2 MiB,
+/// so grows of up to 6 MiB move the L1 table).
+fn powercut_resize(fmt: &str) {
+    powercut_with(fmt, 8, cuts().div_ceil(8));
+}
+
+fn powercut_with(fmt: &str, resize_pct: u64, total: u64) {
     if imgfs::formats::by_name(fmt).is_err() {
         eprintln!("{fmt}: not registered yet; skipped");
         return;
     }
     let t = tmpdir();
-    let total = cuts();
     let vs = variants(fmt);
     let per = total.div_ceil(vs.len() as u64);
-    let (mut survived, mut checked, mut leaky) = (0, 0, 0);
+    let (mut survived, mut checked, mut leaky, mut resizes) = (0, 0, 0, 0);
     for (vi, (opts, size)) in vs.iter().enumerate() {
         let img = t.path().join(format!("v{vi}.{fmt}"));
         let mut args = vec!["create", "-q", "-f", fmt];
@@ -58,11 +70,14 @@ fn powercut(fmt: &str) {
                 ops: 40,
                 max_write: 96 << 10,
                 cache_size,
+                resize_pct,
+                grow_max: 6 << 20,
                 ..Workload::default()
             };
             let start = vi as u64 * 100_000 + half * 50_000;
             let n = per / 2 + half * (per % 2);
             survived += run_many(&initial, &img, fmt, start..start + n, &work, |seed, cut| {
+                resizes += cut.resizes;
                 // qemu-img check on every 8th crashed image (qcow has no checker in QEMU).
                 if seed % 8 == 0 && fmt != "raw" && fmt != "qcow" {
                     std::fs::write(&crashed, &cut.image).unwrap();
@@ -83,7 +98,8 @@ fn powercut(fmt: &str) {
         }
     }
     eprintln!(
-        "{fmt}: {survived} power cuts survived; {checked} crashed images checked by qemu-img ({leaky} with leaks only)"
+        "{fmt}: {survived} power cuts survived ({resizes} resizes done); {checked} crashed images \
+         checked by qemu-img ({leaky} with leaks only)"
     );
 }
 
@@ -128,4 +144,29 @@ fn powercut_qcow() {
 #[test]
 fn powercut_vhdx() {
     powercut("vhdx");
+}
+
+#[test]
+fn powercut_resize_raw() {
+    powercut_resize("raw");
+}
+
+#[test]
+fn powercut_resize_qcow2() {
+    powercut_resize("qcow2");
+}
+
+#[test]
+fn powercut_resize_qed() {
+    powercut_resize("qed");
+}
+
+#[test]
+fn powercut_resize_qcow() {
+    powercut_resize("qcow");
+}
+
+#[test]
+fn powercut_resize_vhdx() {
+    powercut_resize("vhdx");
 }

@@ -138,6 +138,7 @@ fn crash_safety_with_evictions() {
         discard_pct: 0,
         fsync_pct: 10,
         cache_size: 0,
+        ..Workload::default()
     };
     let mut evictions = 0;
     let n = crashsim::run_many(&initial, &img, "qed", 0..150, &work, |seed, cut| {

@@ -5,6 +5,7 @@ pub mod create;
 pub mod helper;
 pub mod info;
 pub mod mount;
+pub mod resize;
 pub mod snapshot;
 pub mod stats;
 pub mod umount;

@@ -136,6 +136,7 @@ fn mount(args: &MountArgs) -> Result<i32> {
     let fs = ImgFs::new(images, args.read_only, args.passthrough, ownership)
         .with_partitions(!args.no_partitions);
     let partitions = fs.partitions();
+    let notifier = fs.notifier_slot();
     let dev = daemon::mount_fuse(&daemon::FuseMount {
         mountpoint,
         source: &fs_name(&files),
@@ -174,6 +175,7 @@ fn mount(args: &MountArgs) -> Result<i32> {
             return Err(e);
         }
     };
+    let _ = notifier.set(session.notifier());
     log::info!("mounted on {} ({used} transport)", mountpoint.display());
     daemon::watch_signals(signals, mountpoint.to_path_buf());
     daemon::notify_ready();

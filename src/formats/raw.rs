@@ -3,6 +3,7 @@
 use crate::error::{Error, Result};
 use crate::host::HostFile;
 use crate::image::{Below, BlockMap, CreateOpts, Extent, Format, ImageInfo, OpenCtx};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 pub struct Raw;
 
@@ -15,7 +16,10 @@ impl Format for Raw {
     }
     fn open(&self, file: HostFile, _ctx: &OpenCtx) -> Result<Box<dyn BlockMap>> {
         let size = file.len()?;
-        Ok(Box::new(RawMap { file, size }))
+        Ok(Box::new(RawMap {
+            file,
+            size: AtomicU64::new(size),
+        }))
     }
     fn create(&self, file: &HostFile, opts: &CreateOpts) -> Result<()> {
         if let Some(k) = opts.options.keys().find(|k| k.as_str() != "preallocation") {
@@ -38,14 +42,14 @@ impl Format for Raw {
 
 struct RawMap {
     file: HostFile,
-    size: u64,
+    size: AtomicU64,
 }
 
 impl BlockMap for RawMap {
     fn info(&self) -> ImageInfo {
         ImageInfo {
             format: "raw",
-            virtual_size: self.size,
+            virtual_size: self.size.load(Ordering::Acquire),
             cluster_size: 512,
             backing: None,
             details: Default::default(),
@@ -85,5 +89,17 @@ impl BlockMap for RawMap {
 
     fn flush(&self) -> Result<()> {
         self.file.sync()
+    }
+
+    /// The file is the disk: its length is the size (a shrink cuts the tail off).
+    fn resize(&self, new_size: u64) -> Result<()> {
+        self.file.set_len(new_size)?;
+        self.file.sync()?;
+        self.size.store(new_size, Ordering::Release);
+        Ok(())
+    }
+
+    fn can_shrink(&self) -> bool {
+        true
     }
 }

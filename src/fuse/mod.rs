@@ -69,6 +69,8 @@ pub struct ImgFs {
     read_only: bool,
     /// Partition views of the disk files (empty with --no-partitions).
     parts: Arc<Partitions>,
+    /// Set once the session exists: tells the kernel to drop cached attributes after a resize.
+    notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
 }
 
 fn errno(e: &Error) -> Errno {
@@ -97,7 +99,42 @@ impl ImgFs {
             last_write: AtomicU64::new(now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())),
             read_only,
             parts: Arc::new(Partitions::disabled()),
+            notifier: Arc::default(),
         }
+    }
+
+    /// Where the mount puts the session's notifier once the session exists.
+    pub fn notifier_slot(&self) -> Arc<std::sync::OnceLock<fuser::Notifier>> {
+        self.notifier.clone()
+    }
+
+    /// Grow `image` (inode `ino`) to `new_size`; a smaller size is refused with EPERM (the
+    /// engine logs both sizes). The kernel's cached attributes are dropped afterwards so every
+    /// opener sees the new size at once.
+    fn grow(&self, ino: INodeNo, image: &Image, new_size: u64) -> Result<(), Errno> {
+        if image.is_read_only() || image.is_degraded() {
+            return Err(Errno::EROFS);
+        }
+        image.resize(new_size).map_err(|e| {
+            log::warn!("resize to {new_size} bytes: {e}");
+            errno(&e)
+        })?;
+        self.touch();
+        if let Some(n) = self.notifier.get() {
+            // Attributes only (negative offset): the data already cached stays valid.
+            if let Err(e) = n.inval_inode(ino, -1, 0) {
+                log::debug!("attribute invalidation after resize: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Grow the disk behind `t` to `end`; a partition window cannot grow (EFBIG).
+    fn grow_target(&self, ino: INodeNo, t: &partitions::Target, end: u64) -> Result<(), Errno> {
+        if t.partition {
+            return Err(Errno::EFBIG);
+        }
+        self.grow(ino, &t.image, end)
     }
 
     pub fn tree(&self) -> &Tree {
@@ -388,16 +425,17 @@ impl Filesystem for ImgFs {
         let Some(node) = self.tree.get(ino.0) else {
             return reply.error(Errno::ENOENT);
         };
-        // A virtual disk has a fixed size and owner: accept only no-op changes (e.g. O_TRUNC of
-        // nothing, touch), refuse resizes so `dd of=disk.raw` without conv=notrunc cannot wipe it.
-        if let (Some(sz), NodeKind::File { image }) = (size, &node.kind) {
-            if sz != image.size() {
-                log::warn!("{}: refusing resize to {sz} bytes", node.name);
-                return reply.error(Errno::EPERM);
-            }
-        }
         if mode.is_some() || uid.is_some() || gid.is_some() {
             return reply.error(Errno::EPERM);
+        }
+        // truncate(1)/ftruncate grow the virtual disk; shrinking is refused (EPERM, logged with
+        // both sizes) so no size change can destroy data.
+        if let (Some(sz), NodeKind::File { image }) = (size, &node.kind) {
+            if sz != image.size() {
+                if let Err(e) = self.grow(ino, image, sz) {
+                    return reply.error(e);
+                }
+            }
         }
         reply.attr(&Duration::from_secs(1), &self.attr(node));
     }
@@ -695,15 +733,22 @@ impl Filesystem for ImgFs {
         let mut zeroed = 0;
         let result =
             if mode == punch || mode & !libc::FALLOC_FL_KEEP_SIZE == libc::FALLOC_FL_ZERO_RANGE {
+                // Zeroing past the end grows the disk unless KEEP_SIZE (the new range reads
+                // as zeros already); a partition cannot grow.
                 if end > t.size && mode & libc::FALLOC_FL_KEEP_SIZE == 0 {
-                    return reply.error(Errno::EFBIG);
+                    if let Err(e) = self.grow_target(ino, &t, end) {
+                        return reply.error(e);
+                    }
                 }
                 zeroed = end.min(t.size).saturating_sub(offset);
                 t.image.write_zeroes(t.base + offset, zeroed, mode == punch)
             } else if mode & !libc::FALLOC_FL_KEEP_SIZE == 0 {
-                // Plain preallocation: the virtual disk already has its size; nothing to do inside it.
+                // Preallocation: nothing to do inside the disk; past its end, mode 0 grows it
+                // (as on a regular file) and KEEP_SIZE leaves the size alone.
                 if end > t.size && mode == 0 {
-                    return reply.error(Errno::EFBIG);
+                    if let Err(e) = self.grow_target(ino, &t, end) {
+                        return reply.error(e);
+                    }
                 }
                 Ok(())
             } else {

@@ -13,7 +13,7 @@ pub fn check(file: &HostFile, h: &Header, repair: Repair) -> Result<CheckReport>
     let file_len = file.len()?;
     let cs = h.cluster_size();
     let fix = repair == Repair::All;
-    let meta_end = h.l1_table_offset + h.l1_entries() * 8;
+    let meta = MetaRanges::of(h);
     let mut r = CheckReport {
         total_clusters: h.virtual_size().div_ceil(cs),
         ..Default::default()
@@ -30,7 +30,7 @@ pub fn check(file: &HostFile, h: &Header, repair: Repair) -> Result<CheckReport>
         if *l2_off == 0 {
             continue;
         }
-        let valid = *l2_off >= meta_end
+        let valid = !meta.overlaps(*l2_off, h.l2_bytes())
             && l2_off
                 .checked_add(h.l2_bytes())
                 .is_some_and(|e| e <= file_len);
@@ -47,7 +47,7 @@ pub fn check(file: &HostFile, h: &Header, repair: Repair) -> Result<CheckReport>
             }
             continue;
         }
-        check_l2(file, h, *l2_off, file_len, meta_end, fix, &mut seen, &mut r)?;
+        check_l2(file, h, *l2_off, file_len, meta, fix, &mut seen, &mut r)?;
     }
     if fix && l1_changed {
         file.sync()?;
@@ -60,13 +60,35 @@ pub fn check(file: &HostFile, h: &Header, repair: Repair) -> Result<CheckReport>
     Ok(r)
 }
 
+/// Where the header, backing file name and L1 table lie: nothing may point into them. The L1
+/// table follows the header unless a resize moved it to the end of the file.
+#[derive(Clone, Copy)]
+struct MetaRanges {
+    front_end: u64,
+    l1: (u64, u64),
+}
+
+impl MetaRanges {
+    fn of(h: &Header) -> MetaRanges {
+        let name_end = h.backing_file_offset + u64::from(h.backing_file_size);
+        MetaRanges {
+            front_end: name_end.max(super::header::HEADER_LEN as u64),
+            l1: (h.l1_table_offset, h.l1_table_offset + h.l1_entries() * 8),
+        }
+    }
+    fn overlaps(&self, off: u64, len: u64) -> bool {
+        let end = off.saturating_add(len);
+        off < self.front_end || (off < self.l1.1 && end > self.l1.0)
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn check_l2(
     file: &HostFile,
     h: &Header,
     l2_off: u64,
     file_len: u64,
-    meta_end: u64,
+    meta: MetaRanges,
     fix: bool,
     seen: &mut HashSet<u64>,
     r: &mut CheckReport,
@@ -88,7 +110,7 @@ fn check_l2(
         } else {
             (e, cs, false)
         };
-        let inside = off >= meta_end
+        let inside = !meta.overlaps(off, len.max(1))
             && len > 0
             && off.checked_add(len).is_some_and(|end| {
                 // A data cluster may end past EOF (reads as zeros); compressed data may not.

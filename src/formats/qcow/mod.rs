@@ -17,6 +17,7 @@
 mod check;
 mod create;
 pub mod header;
+mod resize;
 
 use crate::cache::{TableCache, TableIo};
 use crate::error::{Error, Result};
@@ -111,6 +112,9 @@ pub struct QcowMap {
     /// The last decompressed cluster, by its L2 entry.
     zcache: Mutex<Option<(u64, Vec<u8>)>>,
     clusters_allocated: AtomicU64,
+    /// Virtual size and L1 table offset: `hdr`'s until a resize (resize.rs) changes them.
+    size: AtomicU64,
+    l1_offset: AtomicU64,
 }
 
 impl QcowMap {
@@ -136,6 +140,8 @@ impl QcowMap {
             l1_dirty: Mutex::new(None),
             zcache: Mutex::new(None),
             clusters_allocated: AtomicU64::new(0),
+            size: AtomicU64::new(hdr.virtual_size()),
+            l1_offset: AtomicU64::new(hdr.l1_table_offset),
             read_only: ctx.read_only,
             file,
             hdr,
@@ -179,7 +185,7 @@ impl QcowMap {
             return Err(Error::corrupt(format!(
                 "qcow L1 entry {idx} points at an invalid L2 table offset {raw:#x}"
             ))
-            .at(self.hdr.l1_table_offset + idx as u64 * 8));
+            .at(self.l1_offset.load(Ordering::Acquire) + idx as u64 * 8));
         }
         Ok(Some(raw))
     }
@@ -351,7 +357,11 @@ impl QcowMap {
         let fill = Fill::Below {
             below,
             guest,
-            inside: self.hdr.virtual_size().saturating_sub(guest).min(len) as usize,
+            inside: self
+                .size
+                .load(Ordering::Acquire)
+                .saturating_sub(guest)
+                .min(len) as usize,
         };
         write_fill(
             &self.file,
@@ -379,7 +389,7 @@ impl QcowMap {
                 .iter()
                 .flat_map(|e| e.to_be_bytes())
                 .collect();
-            let at = self.hdr.l1_table_offset + a as u64 * 8;
+            let at = self.l1_offset.load(Ordering::Acquire) + a as u64 * 8;
             if let Err(e) = self
                 .file
                 .write_all_at(&bytes, at)
@@ -403,7 +413,7 @@ impl BlockMap for QcowMap {
         d.insert("crypt_method".into(), h.crypt_method.into());
         ImageInfo {
             format: "qcow",
-            virtual_size: h.virtual_size(),
+            virtual_size: self.size.load(Ordering::Acquire),
             cluster_size: self.cs,
             backing: self.backing.clone(),
             details: d,
@@ -490,5 +500,9 @@ impl BlockMap for QcowMap {
             clusters_allocated: self.clusters_allocated.load(Ordering::Relaxed),
             ..Default::default()
         }
+    }
+
+    fn resize(&self, new_size: u64) -> Result<()> {
+        self.resize_to(new_size)
     }
 }

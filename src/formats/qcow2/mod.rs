@@ -25,6 +25,7 @@ mod create;
 pub mod header;
 mod map;
 mod refcount;
+mod resize;
 mod snapshot;
 mod write;
 
@@ -39,6 +40,7 @@ use map::{Geo, Mapper, Meta, Piece};
 use refcount::Refcounts;
 use serde_json::json;
 use snapshot::Snapshot;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 pub struct Qcow2;
 
@@ -79,7 +81,8 @@ pub fn read_header(file: &HostFile) -> Result<Header> {
 pub struct Qcow2Map {
     pub(crate) m: Mapper,
     pub(crate) hdr: Header,
-    pub(crate) size: u64,
+    /// Virtual size (grows online: resize.rs).
+    pub(crate) size: AtomicU64,
     pub(crate) read_only: bool,
     pub(crate) snapshots: Vec<Snapshot>,
     /// A snapshot view: never written.
@@ -132,7 +135,7 @@ impl Qcow2Map {
         let data = data_file.clone().unwrap_or_else(|| file.clone());
         let map = Qcow2Map {
             m: Mapper::new(file, data, geo, meta),
-            size: hdr.size,
+            size: AtomicU64::new(hdr.size),
             read_only: ctx.read_only,
             snapshots,
             snapshot_view: None,
@@ -197,7 +200,7 @@ impl BlockMap for Qcow2Map {
     fn info(&self) -> ImageInfo {
         ImageInfo {
             format: "qcow2",
-            virtual_size: self.size,
+            virtual_size: self.size.load(Ordering::Acquire),
             cluster_size: self.hdr.cluster_size(),
             backing: self.hdr.backing_file.as_ref().map(|name| BackingRef {
                 name: name.clone(),
@@ -256,6 +259,10 @@ impl BlockMap for Qcow2Map {
         self.data_file.clone()
     }
 
+    fn resize(&self, new_size: u64) -> Result<()> {
+        resize::resize(self, new_size)
+    }
+
     fn data_end(&self) -> Option<u64> {
         if self.data_file.is_some() {
             return None;
@@ -307,7 +314,7 @@ impl BlockMap for Qcow2Map {
         Ok(Box::new(Qcow2Map {
             m: Mapper::new(file, self.m.data.clone(), self.m.geo.clone(), meta),
             hdr: self.hdr.clone(),
-            size: s.disk_size,
+            size: AtomicU64::new(s.disk_size),
             read_only: true,
             snapshots: Vec::new(),
             snapshot_view: Some(format!("{} ({})", s.name, s.id)),

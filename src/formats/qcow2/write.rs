@@ -49,7 +49,7 @@ pub fn set_incompat(map: &Qcow2Map, m: &mut Meta, dirty: bool) -> Result<()> {
 
 /// First-write header updates: clear autoclear bits we do not maintain, mark dirty for lazy
 /// refcounts (QEMU's rule), each durable before any other metadata is written.
-fn prepare(map: &Qcow2Map, m: &mut Meta) -> Result<()> {
+pub(super) fn prepare(map: &Qcow2Map, m: &mut Meta) -> Result<()> {
     if map.read_only {
         return Err(Error::read_only("image is open read-only"));
     }
@@ -587,7 +587,10 @@ pub fn preallocate(map: &Qcow2Map) -> Result<()> {
     let mut mg = map.m.lock();
     let m = &mut *mg;
     prepare(map, m)?;
-    let clusters = map.size.div_ceil(g.cs);
+    let clusters = map
+        .size
+        .load(std::sync::atomic::Ordering::Acquire)
+        .div_ceil(g.cs);
     for cluster in 0..clusters {
         let l2_off = l2_for_write(map, m, cluster / g.l2_entries)?;
         let host = alloc_data(map, m, cluster << g.cluster_bits)?;

@@ -15,6 +15,7 @@
 mod check;
 mod create;
 pub mod header;
+mod resize;
 mod table;
 mod write;
 
@@ -83,6 +84,8 @@ pub struct QedMap {
     /// Copy of `Alloc::file_end` for lock-free validation of entries.
     file_size: AtomicU64,
     clusters_allocated: AtomicU64,
+    /// Virtual size (`hdr.image_size` until a resize: resize.rs).
+    size: AtomicU64,
 }
 
 impl QedMap {
@@ -139,6 +142,7 @@ impl QedMap {
             l1: RwLock::new(l1),
             l1_dirty: AtomicBool::new(false),
             clusters_allocated: AtomicU64::new(0),
+            size: AtomicU64::new(hdr.image_size),
             read_only: ctx.read_only,
             file,
             hdr,
@@ -198,6 +202,7 @@ impl QedMap {
             return Ok(());
         }
         let mut h = self.hdr.clone();
+        h.image_size = self.size.load(Ordering::Acquire);
         if on {
             h.features |= F_NEED_CHECK;
         } else {
@@ -244,7 +249,7 @@ impl BlockMap for QedMap {
         d.insert("need_check".into(), nc.into());
         ImageInfo {
             format: "qed",
-            virtual_size: h.image_size,
+            virtual_size: self.size.load(Ordering::Acquire),
             cluster_size: h.cluster_size as u64,
             backing: self.backing.clone(),
             details: d,
@@ -291,6 +296,10 @@ impl BlockMap for QedMap {
         }
         let _a = self.lock_alloc();
         self.flush_locked()
+    }
+
+    fn resize(&self, new_size: u64) -> Result<()> {
+        self.resize_to(new_size)
     }
 
     fn close(&self) -> Result<()> {

@@ -98,7 +98,11 @@ impl QedMap {
             Fill::Below {
                 below,
                 guest,
-                inside: self.hdr.image_size.saturating_sub(guest).min(len) as usize,
+                inside: self
+                    .size
+                    .load(Ordering::Acquire)
+                    .saturating_sub(guest)
+                    .min(len) as usize,
             }
         } else {
             Fill::Zeros

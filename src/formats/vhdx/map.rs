@@ -10,6 +10,7 @@ use crate::formats::le64;
 use crate::host::HostFile;
 use crate::image::{BackingRef, Below, BlockMap, Extent, FormatStats, ImageInfo};
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 /// Largest metadata region read into memory.
@@ -28,6 +29,8 @@ pub struct VhdxMap {
     replayed_entries: u64,
     cache: TableCache,
     st: Mutex<State>,
+    /// Virtual size: the metadata's until a resize (resize.rs).
+    pub(super) size: AtomicU64,
 }
 
 pub(super) struct State {
@@ -37,7 +40,7 @@ pub(super) struct State {
     log_pos: u64,
     log_seq: u64,
     /// Changed metadata pages (BAT, sector bitmaps) not yet logged.
-    dirty: BTreeMap<u64, Vec<u8>>,
+    pub(super) dirty: BTreeMap<u64, Vec<u8>>,
     /// Next free 1 MiB-aligned host offset.
     alloc_end: u64,
     /// Freed blocks, reusable; `pending_free` become free once their BAT change is durable.
@@ -152,6 +155,7 @@ impl VhdxMap {
                 entries_written: 0,
                 blocks_allocated: 0,
             }),
+            size: AtomicU64::new(0),
         };
         map.load_tables(eff_len)?;
         Ok(map)
@@ -181,6 +185,7 @@ impl VhdxMap {
         self.st_lock().alloc_end = align_up(end, MIB);
         self.regions = regions;
         self.meta = meta;
+        *self.size.get_mut() = geo.virtual_size;
         self.geo = geo;
         Ok(())
     }
@@ -269,7 +274,7 @@ impl VhdxMap {
 
     /// First write of the session: new file-write and data-write GUIDs, and a fresh log GUID
     /// so that this session's entries are told apart from any older ones.
-    fn begin_write(&self, st: &mut State) -> Result<()> {
+    pub(super) fn begin_write(&self, st: &mut State) -> Result<()> {
         if self.read_only {
             return Err(Error::read_only("VHDX image is open read-only"));
         }
@@ -301,7 +306,7 @@ impl VhdxMap {
         Ok(())
     }
 
-    fn flush_locked(&self, st: &mut State) -> Result<()> {
+    pub(super) fn flush_locked(&self, st: &mut State) -> Result<()> {
         if self.read_only {
             return Ok(());
         }
@@ -477,7 +482,7 @@ impl BlockMap for VhdxMap {
         let st = self.st_lock();
         ImageInfo {
             format: "vhdx",
-            virtual_size: self.geo.virtual_size,
+            virtual_size: self.size.load(Ordering::Acquire),
             cluster_size: self.geo.block_size,
             backing: self.meta.parent_path().map(|name| BackingRef {
                 name,
@@ -632,6 +637,10 @@ impl BlockMap for VhdxMap {
     fn flush(&self) -> Result<()> {
         let mut st = self.st_lock();
         self.flush_locked(&mut st)
+    }
+
+    fn resize(&self, new_size: u64) -> Result<()> {
+        self.resize_to(new_size)
     }
 
     fn close(&self) -> Result<()> {

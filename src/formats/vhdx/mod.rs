@@ -18,6 +18,7 @@ mod header;
 mod log;
 mod map;
 mod metadata;
+mod resize;
 
 use crate::error::Result;
 use crate::host::HostFile;
