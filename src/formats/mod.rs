@@ -7,6 +7,8 @@ pub mod qcow;
 pub mod qcow2;
 pub mod qed;
 pub mod raw;
+pub mod vdi;
+pub mod vhd;
 pub mod vhdx;
 
 /// Every known format, probed in this order, one per line.
@@ -15,6 +17,8 @@ static FORMATS: &[&dyn Format] = &[
     &qcow::Qcow,
     &qed::Qed,
     &vhdx::Vhdx,
+    &vhd::Vpc,
+    &vdi::Vdi,
     &raw::Raw, // no magic: must stay last
 ];
 
@@ -35,7 +39,7 @@ pub fn by_name(name: &str) -> Result<&'static dyn Format> {
     FORMATS
         .iter()
         .copied()
-        .find(|f| f.name() == name)
+        .find(|f| f.name() == name || f.aliases().contains(&name))
         .ok_or_else(|| {
             let known: Vec<_> = FORMATS.iter().map(|f| f.name()).collect();
             Error::invalid(format!(
