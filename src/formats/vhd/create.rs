@@ -98,7 +98,7 @@ pub fn create(file: &HostFile, opts: &CreateOpts) -> Result<()> {
 fn new_footer(size: u64, force_size: bool) -> Result<Footer> {
     let want = size.div_ceil(SECTOR);
     let (mut c, mut h, mut s) = (65535u16, 16u8, 255u8);
-    let mut total = size / SECTOR;
+    let mut total = want;
     if !force_size {
         // The smallest geometry covering the size (rounding up, never truncating).
         let mut n = want;

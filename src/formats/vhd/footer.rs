@@ -148,20 +148,17 @@ impl Footer {
         self.cylinders as u64 * self.heads as u64 * self.sectors as u64
     }
 
-    /// Whether the creator sizes its disks by the footer's current size rather than by CHS
-    /// geometry. Virtual PC ("vpc ") and old QEMU ("qemu") use the geometry, which rounds the
-    /// size down; Hyper-V ("win "), Disk2VHD ("d2v "), QEMU with force_size ("qem2"),
-    /// XenServer ("tap\0") and XenConverter ("CTXS") use current size. Unknown creators get the
-    /// geometry, as in QEMU.
+    /// Whether the disk is sized by the footer's current size rather than by its CHS geometry.
+    /// Only Virtual PC ("vpc ") and old QEMU ("qemu") size disks by geometry (which rounds the
+    /// size down); Hyper-V ("win "), Azure ("wa\0\0"), Disk2VHD ("d2v "), QEMU with force_size
+    /// ("qem2"), XenServer ("tap\0"), XenConverter ("CTXS") and any other creator use the
+    /// current size. This is QEMU 10's rule (older QEMU used the geometry for unknown creators).
     pub fn uses_current_size(&self) -> bool {
-        matches!(
-            &self.creator_app,
-            b"win " | b"qem2" | b"d2v " | b"CTXS" | b"tap\0"
-        )
+        !matches!(&self.creator_app, b"vpc " | b"qemu")
     }
 
-    /// The guest-visible size, by QEMU's rule: CHS geometry unless the creator uses the current
-    /// size or the geometry is at its maximum (then it cannot describe the disk).
+    /// The guest-visible size: the current size, or the CHS geometry for creators that size by
+    /// it, unless the geometry is at its maximum (then it cannot describe the disk).
     pub fn virtual_size(&self) -> u64 {
         let chs = self.chs_sectors();
         if self.uses_current_size() || chs == MAX_GEOMETRY {
@@ -270,12 +267,13 @@ mod tests {
         for (app, want) in [
             (*b"vpc ", chs),
             (*b"qemu", chs),
-            (*b"xyz ", chs),
+            (*b"xyz ", 10 << 20),
             (*b"win ", 10 << 20),
             (*b"qem2", 10 << 20),
             (*b"d2v ", 10 << 20),
             (*b"CTXS", 10 << 20),
             (*b"tap\0", 10 << 20),
+            (*b"wa\0\0", 10 << 20),
         ] {
             f.creator_app = app;
             assert_eq!(f.virtual_size(), want, "{:?}", app);
