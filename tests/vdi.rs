@@ -6,7 +6,6 @@
 mod common;
 
 use common::*;
-use imgfs::formats::vdi::{bmap_bytes, build_header};
 use imgfs::{Image, OpenOpts};
 use std::path::{Path, PathBuf};
 
@@ -168,23 +167,6 @@ fn check_finds_and_repairs_damage() {
         .all(|&x| x == 3));
 }
 
-/// A VirtualBox differencing child of `parent` (whose header gives the UUIDs), 1 MiB blocks:
-/// block 1 holds 0xc1 bytes, block 3 is a zero block, the rest unallocated.
-fn make_child(parent: &Path, child: &Path) {
-    let ph = std::fs::read(parent).unwrap();
-    let size = u64::from_le_bytes(ph[0x170..0x178].try_into().unwrap());
-    let blocks = size.div_ceil(MIB) as u32;
-    let uuid = |at: usize| -> [u8; 16] { ph[at..at + 16].try_into().unwrap() };
-    let ids = [[0xaa; 16], [0xbb; 16], uuid(0x188), uuid(0x198)];
-    let mut img = build_header(4, size, MIB as u32, blocks, 1, ids);
-    let mut map = vec![0xffu8; bmap_bytes(blocks) as usize];
-    map[4..8].copy_from_slice(&0u32.to_le_bytes());
-    map[12..16].copy_from_slice(&0xffff_fffeu32.to_le_bytes());
-    img.extend_from_slice(&map);
-    img.extend(std::iter::repeat_n(0xc1u8, MIB as usize));
-    std::fs::write(child, img).unwrap();
-}
-
 #[test]
 fn differencing_chain_found_by_uuid() {
     let d = tmpdir();
@@ -192,7 +174,7 @@ fn differencing_chain_found_by_uuid() {
     qemu_io("vdi", &parent, &["write -P 0x11 0 6M"]);
     let parent_bytes = std::fs::read(&parent).unwrap();
     let child = d.path().join("child.vdi");
-    make_child(&parent, &child);
+    vdi_differencing_child(&parent, &child);
     let mut want = vec![0x11u8; 6 * MIB as usize];
     want[MIB as usize..2 * MIB as usize].fill(0xc1);
     want[3 * MIB as usize..4 * MIB as usize].fill(0);

@@ -454,3 +454,20 @@ pub fn exercise_damaged(
         }
     }
 }
+
+/// A VirtualBox differencing child of `parent` (whose header gives the UUIDs), 1 MiB blocks:
+/// block 1 holds 0xc1 bytes, block 3 is a zero block, the rest unallocated.
+pub fn vdi_differencing_child(parent: &Path, child: &Path) {
+    let ph = std::fs::read(parent).unwrap();
+    let size = u64::from_le_bytes(ph[0x170..0x178].try_into().unwrap());
+    let blocks = size.div_ceil((1u64 << 20)) as u32;
+    let uuid = |at: usize| -> [u8; 16] { ph[at..at + 16].try_into().unwrap() };
+    let ids = [[0xaa; 16], [0xbb; 16], uuid(0x188), uuid(0x198)];
+    let mut img = imgfs::formats::vdi::build_header(4, size, (1u64 << 20) as u32, blocks, 1, ids);
+    let mut map = vec![0xffu8; imgfs::formats::vdi::bmap_bytes(blocks) as usize];
+    map[4..8].copy_from_slice(&0u32.to_le_bytes());
+    map[12..16].copy_from_slice(&0xffff_fffeu32.to_le_bytes());
+    img.extend_from_slice(&map);
+    img.extend(std::iter::repeat_n(0xc1u8, (1u64 << 20) as usize));
+    std::fs::write(child, img).unwrap();
+}
