@@ -460,7 +460,7 @@ pub fn exercise_damaged(
 pub fn vdi_differencing_child(parent: &Path, child: &Path) {
     let ph = std::fs::read(parent).unwrap();
     let size = u64::from_le_bytes(ph[0x170..0x178].try_into().unwrap());
-    let blocks = size.div_ceil((1u64 << 20)) as u32;
+    let blocks = size.div_ceil(1u64 << 20) as u32;
     let uuid = |at: usize| -> [u8; 16] { ph[at..at + 16].try_into().unwrap() };
     let ids = [[0xaa; 16], [0xbb; 16], uuid(0x188), uuid(0x198)];
     let mut img = imgfs::formats::vdi::build_header(4, size, (1u64 << 20) as u32, blocks, 1, ids);
