@@ -242,7 +242,7 @@ fn create_sizes_match_qemu_and_azure_rule_is_told() {
             let warned = String::from_utf8_lossy(&out.stderr).contains("Azure");
             assert_eq!(
                 warned,
-                fixed && qemu_size(&ours) % MIB != 0,
+                fixed && !qemu_size(&ours).is_multiple_of(MIB),
                 "{size} {opts}"
             );
             if size < 20 * MIB {

@@ -11,7 +11,7 @@
 //!  fixed:   [zeros (sparse) ....................................][footer 512]
 //! ```
 
-use super::dynamic::{DynHeader, HEADER_LEN, UNALLOCATED};
+use super::dynamic::{DynHeader, HEADER_LEN};
 use super::footer::{self, DiskType, Footer, FOOTER_LEN, MAX_SECTORS, SECTOR};
 use super::parent::{self, Locator, LOCATORS};
 use crate::error::{Error, Result};
@@ -141,12 +141,12 @@ fn new_footer(size: u64, force_size: bool) -> Result<Footer> {
     })
 }
 
+/// Locators with their data, the parent's time stamp and its name in UTF-16BE.
+type ParentFacts = (Vec<(Locator, Vec<u8>)>, u32, [u8; 512]);
+
 /// Locator paths for `name` as given to `-b` (relative to the new image's directory), the
 /// parent's modification time stamp and its file name in UTF-16BE.
-fn parent_locators(
-    file: &HostFile,
-    name: &str,
-) -> Result<(Vec<(Locator, Vec<u8>)>, u32, [u8; 512])> {
+fn parent_locators(file: &HostFile, name: &str) -> Result<ParentFacts> {
     let dir = file
         .path()
         .parent()
@@ -234,7 +234,6 @@ fn write_dynamic(
     };
     file.write_all_at(&f.to_bytes(), 0)?;
     file.write_all_at(&h.to_bytes(), SECTOR)?;
-    file.write_all_at(&vec![0xff; bat_len as usize], bat_offset)?;
-    debug_assert!(UNALLOCATED == u32::MAX);
+    file.write_all_at(&vec![0xff; bat_len as usize], bat_offset)?; // UNALLOCATED
     file.write_all_at(&f.to_bytes(), pos)
 }

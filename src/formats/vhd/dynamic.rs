@@ -129,7 +129,7 @@ impl Geo {
             )));
         }
         let bat_end = h.table_offset.checked_add(entries * 4);
-        if h.table_offset % SECTOR != 0 || bat_end.is_none_or(|e| e > file_len) {
+        if !h.table_offset.is_multiple_of(SECTOR) || bat_end.is_none_or(|e| e > file_len) {
             return Err(Error::corrupt(format!(
                 "VHD BAT at {:#x} ({entries} entries) lies outside the file ({file_len:#x})",
                 h.table_offset
@@ -250,7 +250,7 @@ impl DynMap {
     ) -> Result<DynMap> {
         let file_len = file.len()?;
         let hoff = footer.data_offset;
-        if hoff % SECTOR != 0
+        if !hoff.is_multiple_of(SECTOR)
             || hoff
                 .checked_add(HEADER_LEN as u64)
                 .is_none_or(|e| e > file_len)
