@@ -226,17 +226,7 @@ fn info_and_snapshot_list_match_qemu() {
     let base = t.path().join("b.qcow2");
     let img = t.path().join("i.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "10M"]);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "b.qcow2",
-        "-F",
-        "qcow2",
-        img.to_str().unwrap(),
-    ]);
+    qcow2_overlay(&img, "b.qcow2");
     qemu_io("qcow2", &img, &["write 0 64k"]);
     qemu_img(&["snapshot", "-c", "first", img.to_str().unwrap()]);
     qemu_img(&["snapshot", "-c", "second", img.to_str().unwrap()]);
