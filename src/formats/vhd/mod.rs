@@ -7,8 +7,8 @@
 //! ```
 //!
 //! The footer's disk size is read by the creator application's rule (`footer::virtual_size`).
-//! Fixed disks have no magic at offset 0: like QEMU, imgfs probes them as raw, so they are
-//! opened with `--format vpc` (or `vhd`).
+//! Fixed disks have no magic at offset 0: the registry recognises them by their trailing footer
+//! (`formats::detect`); QEMU probes them as raw.
 
 mod check;
 mod create;
