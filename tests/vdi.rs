@@ -48,26 +48,6 @@ fn fill_with_qemu(dir: &Path, img: &Path, size: u64, seed: u64) {
     qemu_io("vdi", img, &refs);
 }
 
-fn write_pattern(im: &Image, want: &mut [u8], seed: u64) {
-    let size = want.len() as u64;
-    let writes = [
-        (0, 4096),
-        (1000, 3000),
-        (MIB - 100, 300),
-        (3 * MIB - 1, 2 * MIB + 2),
-        (size / 2 + 77, MIB),
-        (size - 5000, 5000),
-        (7, 1),
-    ];
-    for (i, &(off, len)) in writes.iter().enumerate() {
-        let data = random_bytes(seed + i as u64, len as usize);
-        im.write_at(&data, off).unwrap();
-        want[off as usize..(off + len) as usize].copy_from_slice(&data);
-    }
-    im.write_zeroes(8 * MIB, 2 * MIB, true).unwrap();
-    want[8 * MIB as usize..10 * MIB as usize].fill(0);
-}
-
 #[test]
 fn reads_equal_qemu_and_writes_pass_qemu_check() {
     let d = tmpdir();
@@ -79,7 +59,7 @@ fn reads_equal_qemu_and_writes_pass_qemu_check() {
         let im = Image::open(&img, &opts(false)).unwrap();
         assert_eq!(im.size(), size);
         assert_same(&engine_read_all(&im), &want, o);
-        write_pattern(&im, &mut want, 10 * i as u64);
+        write_block_pattern(&im, &mut want, 10 * i as u64, MIB, 8 * MIB);
         im.close().unwrap();
         drop(im);
         assert_check_clean("vdi", &img);

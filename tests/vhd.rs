@@ -166,27 +166,6 @@ fn disk_size_rule_per_creator_matches_qemu() {
     }
 }
 
-/// Aligned, unaligned and block-spanning writes into unallocated and allocated blocks.
-fn write_pattern(im: &Image, want: &mut [u8], seed: u64) {
-    let size = want.len() as u64;
-    let writes = [
-        (0, 4096),
-        (1000, 3000),
-        (2 * MIB - 100, 300),
-        (4 * MIB - 1, 2 * MIB + 2),
-        (size / 2 + 77, MIB as usize as u64),
-        (size - 5000, 5000),
-        (3, 1),
-    ];
-    for (i, &(off, len)) in writes.iter().enumerate() {
-        let data = random_bytes(seed + i as u64, len as usize);
-        im.write_at(&data, off).unwrap();
-        want[off as usize..(off + len) as usize].copy_from_slice(&data);
-    }
-    im.write_zeroes(6 * MIB, 2 * MIB, true).unwrap();
-    want[6 * MIB as usize..8 * MIB as usize].fill(0);
-}
-
 #[test]
 fn writes_pass_qemu_compare_and_imgfs_check() {
     let d = tmpdir();
@@ -195,7 +174,7 @@ fn writes_pass_qemu_compare_and_imgfs_check() {
         fill_with_qemu(d.path(), &img, qemu_size(&img), 7 + i as u64);
         let mut want = vpc_raw(&img);
         let im = open(&img, false);
-        write_pattern(&im, &mut want, 100 * i as u64);
+        write_block_pattern(&im, &mut want, 100 * i as u64, 2 * MIB, 6 * MIB);
         im.close().unwrap();
         drop(im);
         assert_compare_bytes("vpc", &img, &want);
@@ -276,7 +255,7 @@ fn differencing_reads_parent_and_libvhdi_agrees() {
     let mut want = vpc_raw(&base);
     let im = open(&child, false);
     assert_same(&engine_read_all(&im), &want, "child before writes");
-    write_pattern(&im, &mut want, 40);
+    write_block_pattern(&im, &mut want, 40, 2 * MIB, 6 * MIB);
     im.close().unwrap();
     drop(im);
     assert_eq!(std::fs::read(&base).unwrap(), base_bytes, "parent changed");

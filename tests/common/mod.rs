@@ -515,3 +515,32 @@ impl Drop for MountHelper {
         }
     }
 }
+
+/// Writes a test of a block-based format applies through the engine (and to `want`): aligned,
+/// unaligned, one byte, across `block`-sized block boundaries, the last bytes of the disk, and
+/// a zeroed (unmapped) range of two blocks at `zero_at`.
+pub fn write_block_pattern(
+    im: &imgfs::Image,
+    want: &mut [u8],
+    seed: u64,
+    block: u64,
+    zero_at: u64,
+) {
+    let size = want.len() as u64;
+    let writes = [
+        (0, 4096),
+        (1000, 3000),
+        (block - 100, 300),
+        (2 * block - 1, 2 * block + 2),
+        (size / 2 + 77, block),
+        (size - 5000, 5000),
+        (7, 1),
+    ];
+    for (i, &(off, len)) in writes.iter().enumerate() {
+        let data = random_bytes(seed + i as u64, len as usize);
+        im.write_at(&data, off).unwrap();
+        want[off as usize..(off + len) as usize].copy_from_slice(&data);
+    }
+    im.write_zeroes(zero_at, 2 * block, true).unwrap();
+    want[zero_at as usize..(zero_at + 2 * block) as usize].fill(0);
+}

@@ -11,7 +11,7 @@
 //! the last two leaves a count one short, which `check -r` and the next read-write open fix.
 
 use super::header::{Header, SECTOR};
-use crate::cache::{TableCache, TableIo};
+use crate::cache::{store_after_sync, TableCache, TableIo};
 use crate::error::{Error, Result};
 use crate::format::{
     write_fill, BackingRef, Below, BlockMap, Extent, Fill, FormatStats, ImageInfo,
@@ -54,14 +54,8 @@ impl TableIo for MapIo {
         self.file.read_exact_at(&mut buf[..n], off)
     }
     fn store(&self, off: u64, buf: &[u8]) -> Result<()> {
-        if self.needs_sync.swap(false, Ordering::SeqCst) {
-            if let Err(e) = self.file.sync() {
-                self.needs_sync.store(true, Ordering::SeqCst);
-                return Err(e);
-            }
-        }
         let n = buf.len().min(self.bmap_end.saturating_sub(off) as usize);
-        self.file.write_all_at(&buf[..n], off)
+        store_after_sync(&self.file, &self.needs_sync, off, &buf[..n])
     }
 }
 

@@ -19,7 +19,7 @@
 
 use super::footer::{DiskType, Footer, SECTOR};
 use super::parent::{self, Locator, LOCATORS, LOCATOR_AT, MAX_LOCATOR_LEN};
-use crate::cache::{TableCache, TableIo};
+use crate::cache::{store_after_sync, TableCache, TableIo};
 use crate::error::{Error, Result};
 use crate::format::{BackingRef, Below, BlockMap, Extent, FormatStats, ImageInfo};
 use crate::formats::{be32, be64};
@@ -188,14 +188,8 @@ impl TableIo for MetaIo {
         self.file.read_exact_at(&mut buf[..n], off)
     }
     fn store(&self, off: u64, buf: &[u8]) -> Result<()> {
-        if self.needs_sync.swap(false, Ordering::SeqCst) {
-            if let Err(e) = self.file.sync() {
-                self.needs_sync.store(true, Ordering::SeqCst);
-                return Err(e);
-            }
-        }
-        self.file
-            .write_all_at(&buf[..self.span(off, buf.len())], off)
+        let n = self.span(off, buf.len());
+        store_after_sync(&self.file, &self.needs_sync, off, &buf[..n])
     }
 }
 
