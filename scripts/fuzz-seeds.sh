@@ -5,11 +5,11 @@ cd "$(dirname "$0")/../fuzz"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 head -c 65536 /dev/urandom > "$tmp/data"
-for fmt in qcow2 qed qcow vhdx; do
+for fmt in qcow2 qed qcow vhdx vpc vdi; do
   dir=corpus/open_$fmt
   mkdir -p "$dir"
   i=0
-  for opts in "" "cluster_size=4096" "cluster_size=512" "lazy_refcounts=on" "extended_l2=on" "table_size=1" "block_size=1M" "compat=0.10"; do
+  for opts in "" "cluster_size=4096" "cluster_size=512" "lazy_refcounts=on" "extended_l2=on" "table_size=1" "block_size=1M" "compat=0.10" "subformat=fixed" "force_size=on" "static=on"; do
     img="$tmp/s$i.$fmt"
     qemu-img create -q -f "$fmt" ${opts:+-o "$opts"} "$img" 1M 2>/dev/null || continue
     qemu-io -f "$fmt" -c "write -s $tmp/data 4096 65536" -c "write -z 512k 4096" "$img" >/dev/null 2>&1 || true

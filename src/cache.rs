@@ -20,6 +20,23 @@ pub trait TableIo {
     fn store(&self, off: u64, buf: &[u8]) -> Result<()>;
 }
 
+/// Write a table back, first syncing `file` when `needs_sync` says data the table may point at
+/// is not durable yet (the flag stays set if that sync fails). For `TableIo::store`.
+pub fn store_after_sync(
+    file: &crate::host::HostFile,
+    needs_sync: &std::sync::atomic::AtomicBool,
+    off: u64,
+    buf: &[u8],
+) -> Result<()> {
+    if needs_sync.swap(false, Ordering::SeqCst) {
+        if let Err(e) = file.sync() {
+            needs_sync.store(true, Ordering::SeqCst);
+            return Err(e);
+        }
+    }
+    file.write_all_at(buf, off)
+}
+
 struct Slot {
     data: Box<[u8]>,
     dirty: bool,

@@ -205,6 +205,18 @@ pub trait BlockMap: Send + Sync {
         Ok(())
     }
 
+    /// Further names the backing file may go by, tried in order when the one in `info()` does
+    /// not exist (VHD parent locators: relative, absolute, file URL).
+    fn backing_alternatives(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// A parent named only by an identifier (VirtualBox VDI: the parent's UUID). The engine
+    /// looks for the one image in the search directory whose `Format::identity` equals it.
+    fn backing_identity(&self) -> Option<String> {
+        None
+    }
+
     /// The file `Data` extents point into when it is not the image file itself.
     fn data_file(&self) -> Option<HostFile> {
         None
@@ -301,6 +313,15 @@ impl CheckReport {
 
 pub trait Format: Sync {
     fn name(&self) -> &'static str;
+    /// Other names `-f` accepts for this format (qemu's `vpc` is also `vhd`).
+    fn aliases(&self) -> &'static [&'static str] {
+        &[]
+    }
+    /// The identifier a child image may name this image by (`BlockMap::backing_identity`),
+    /// read from its first bytes; None when the format has none.
+    fn identity(&self, _head: &[u8]) -> Option<String> {
+        None
+    }
     /// Does this file start with this format's magic? `head` is the first 4 KiB (or less).
     fn probe(&self, head: &[u8]) -> bool;
     fn open(&self, file: HostFile, ctx: &OpenCtx) -> Result<Box<dyn BlockMap>>;

@@ -41,6 +41,9 @@ pub struct OpenOpts {
     pub max_chain: usize,
     /// Take QEMU-compatible OFD locks.
     pub lock: bool,
+    /// Where to look for a parent named only by its UUID (VirtualBox differencing VDIs); the
+    /// child's own directory when None.
+    pub backing_dir: Option<PathBuf>,
 }
 
 impl Default for OpenOpts {
@@ -52,6 +55,7 @@ impl Default for OpenOpts {
             allow_backing_outside: false,
             max_chain: DEFAULT_MAX_CHAIN,
             lock: true,
+            backing_dir: None,
         }
     }
 }
@@ -180,7 +184,10 @@ impl Image {
         let info = map.info();
         let backing = match &info.backing {
             None => None,
-            Some(b) => Some(Arc::new(Self::open_backing(path, &dir, b, opts, depth)?)),
+            Some(b) => {
+                let bpath = Self::find_backing(path, &dir, b, &*map, opts)?;
+                Some(Arc::new(Self::open_backing(path, &bpath, b, opts, depth)?))
+            }
         };
         if let Some(b) = &backing {
             map.check_backing(&b.info()).map_err(|e| e.in_file(path))?;
@@ -226,9 +233,29 @@ impl Image {
         }
     }
 
-    fn open_backing(
+    /// The backing file's path: found by identity (VDI UUID) in the search directory, or the
+    /// first of the names the image gives (VHD parent locators) that exists under the policy.
+    fn find_backing(
         path: &Path,
         dir: &Path,
+        b: &BackingRef,
+        map: &dyn BlockMap,
+        opts: &OpenOpts,
+    ) -> Result<PathBuf> {
+        if let Some(id) = map.backing_identity() {
+            let search = opts.backing_dir.as_deref().unwrap_or(dir);
+            return crate::policy::find_by_identity(path, search, &id).map_err(|e| e.in_file(path));
+        }
+        let names: Vec<String> = std::iter::once(b.name.clone())
+            .chain(map.backing_alternatives())
+            .collect();
+        crate::policy::resolve_first(dir, &names, opts.allow_backing_outside)
+            .map_err(|e| e.in_file(path))
+    }
+
+    fn open_backing(
+        path: &Path,
+        bpath: &Path,
         b: &BackingRef,
         opts: &OpenOpts,
         depth: usize,
@@ -240,14 +267,12 @@ impl Image {
             ))
             .in_file(path));
         }
-        let bpath = resolve_named_file(dir, &b.name, opts.allow_backing_outside)
-            .map_err(|e| e.in_file(path))?;
         let bopts = OpenOpts {
             read_only: true,
             format: b.format.clone(),
             ..opts.clone()
         };
-        Self::open_at_depth(&bpath, &bopts, depth + 1).map_err(|e| {
+        Self::open_at_depth(bpath, &bopts, depth + 1).map_err(|e| {
             let msg = format!("backing file {}: {}", b.name, e);
             Error::new(e.kind(), msg).in_file(path)
         })

@@ -33,6 +33,11 @@ fn seed_images(fmt: &str, dir: &Path) -> Option<Vec<Vec<u8>>> {
             vec!["-o", "block_size=8M,subformat=dynamic"],
         ],
         "qcow" => vec![vec![]],
+        "vpc" => vec![
+            vec!["-o", "subformat=dynamic"],
+            vec!["-o", "subformat=fixed,force_size=on"],
+        ],
+        "vdi" => vec![vec![], vec!["-o", "static=on"]],
         _ => return None,
     };
     for (i, v) in variants.iter().enumerate() {
@@ -56,6 +61,28 @@ fn seed_images(fmt: &str, dir: &Path) -> Option<Vec<Vec<u8>>> {
             qemu_io(fmt, &p, &["write -P 9 0 8192"]);
         }
         out.push(std::fs::read(&p).unwrap());
+    }
+    // Differencing children of the first seed (parent locators, parent UUIDs), which stays in
+    // the directory the mutants are written to.
+    let child = dir.join(format!("child.{fmt}"));
+    let parent = dir.join(format!("seed0.{fmt}"));
+    if fmt == "vpc" {
+        ok(
+            IMGFS,
+            &[
+                "create",
+                "-f",
+                "vpc",
+                "-b",
+                "seed0.vpc",
+                child.to_str().unwrap(),
+            ],
+        );
+        qemu_io_free_write(&child);
+        out.push(std::fs::read(&child).unwrap());
+    } else if fmt == "vdi" {
+        vdi_differencing_child(&parent, &child);
+        out.push(std::fs::read(&child).unwrap());
     }
     Some(out)
 }
@@ -136,6 +163,34 @@ fn fix_vhdx_checksums(data: &mut [u8]) {
     }
 }
 
+/// Some sectors written into a differencing VHD (QEMU cannot open it), through imgfs.
+fn qemu_io_free_write(child: &Path) {
+    let img = Image::open(child, &OpenOpts::default()).unwrap();
+    img.write_at(&[5; 5000], 3 << 20).unwrap();
+    img.write_at(&[6; 512], 100 * 512).unwrap();
+    img.close().unwrap();
+}
+
+/// Re-seal the VHD footer copies (offset 0 and the last 512 bytes) and the dynamic header
+/// (offset 512) so mutations reach the BAT, bitmaps and locators.
+fn fix_vpc_checksums(data: &mut [u8]) {
+    let len = data.len();
+    let spans = [
+        (0usize, 512usize, 64usize),
+        (512, 1024, 36),
+        (len.saturating_sub(512), 512, 64),
+    ];
+    for (off, n, at) in spans {
+        if len >= off + n && len >= 1536 {
+            data[off + at..off + at + 4].fill(0);
+            let sum = data[off..off + n]
+                .iter()
+                .fold(0u32, |s, &x| s.wrapping_add(x as u32));
+            data[off + at..off + at + 4].copy_from_slice(&(!sum).to_be_bytes());
+        }
+    }
+}
+
 /// Open, read and write what we can; errors are fine, panics are not.
 fn exercise(path: &Path, fmt: &str, rng: &mut SplitMix64) -> bool {
     let read_only = rng.below(2) == 0;
@@ -206,10 +261,22 @@ fn fuzz_format(fmt: &str) {
     for seed in 0..ITERATIONS {
         let mut rng = SplitMix64::new(seed * 7919 + fmt.len() as u64);
         let base = seeds[(seed % seeds.len() as u64) as usize].clone();
-        let span = if fmt == "vhdx" { 4 << 20 } else { 1024 };
+        let span = match fmt {
+            "vhdx" => 4 << 20,
+            "vpc" => 4096,
+            _ => 1024,
+        };
         let mut bytes = mutate(&mut rng, base, span);
+        if fmt == "vpc" && rng.below(2) == 0 && bytes.len() >= 512 {
+            // The footer of a fixed disk is the last 512 bytes.
+            let at = bytes.len() - 512 + (rng.below(128) as usize) * 4;
+            bytes[at..at + 4].copy_from_slice(&(EDGE[rng.below(10) as usize] as u32).to_be_bytes());
+        }
         if fmt == "vhdx" && rng.below(4) != 0 {
             fix_vhdx_checksums(&mut bytes);
+        }
+        if fmt == "vpc" && rng.below(4) != 0 {
+            fix_vpc_checksums(&mut bytes);
         }
         std::fs::write(&path, &bytes).unwrap();
         current.store(seed, Ordering::SeqCst);
@@ -369,4 +436,14 @@ fn hostile_partition_tables() {
         start.elapsed() < Duration::from_secs(60),
         "partition scans too slow"
     );
+}
+
+#[test]
+fn hostile_vpc() {
+    fuzz_format("vpc");
+}
+
+#[test]
+fn hostile_vdi() {
+    fuzz_format("vdi");
 }

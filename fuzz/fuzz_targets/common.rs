@@ -40,3 +40,17 @@ pub fn fix_vhdx_checksums(data: &mut [u8]) {
         }
     }
 }
+
+/// Re-seal the VHD footer copies (offset 0 and the last 512 bytes) and the dynamic header (512
+/// bytes in), so mutations reach the BAT, sector bitmaps and parent locators.
+pub fn fix_vpc_checksums(data: &mut [u8]) {
+    let len = data.len();
+    if len < 1536 {
+        return;
+    }
+    for (off, n, at) in [(0usize, 512usize, 64usize), (512, 1024, 36), (len - 512, 512, 64)] {
+        data[off + at..off + at + 4].fill(0);
+        let sum = data[off..off + n].iter().fold(0u32, |s, &x| s.wrapping_add(x as u32));
+        data[off + at..off + at + 4].copy_from_slice(&(!sum).to_be_bytes());
+    }
+}

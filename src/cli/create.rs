@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 #[derive(Args, Debug)]
 pub struct CreateArgs {
-    /// Format of the new image (raw, qcow, qcow2, qed, vhdx).
+    /// Format of the new image (raw, qcow, qcow2, qed, vhdx, vpc/vhd, vdi).
     #[arg(short = 'f', long = "format", default_value = "raw")]
     pub format: String,
     /// Format options, comma-separated key=value (may be repeated), e.g. cluster_size=64K,compat=1.1.

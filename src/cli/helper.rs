@@ -65,6 +65,7 @@ pub fn translate(args: &[OsString]) -> Result<HelperCall, String> {
             ("allow_other", None) => out.push("--allow-other".into()),
             ("allow_backing_outside", None) => out.push("--allow-backing-outside".into()),
             ("no_partitions" | "nopartitions", None) => out.push("--no-partitions".into()),
+            ("backing_dir", Some(v)) => out.extend(["--backing-dir".into(), v.into()]),
             ("format", Some(v)) => out.extend(["--format".into(), v.into()]),
             ("cache_size", Some(v)) => out.extend(["--cache-size".into(), v.into()]),
             ("threads", Some(v)) => out.extend(["--threads".into(), v.into()]),

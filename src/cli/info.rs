@@ -17,6 +17,9 @@ pub struct InfoArgs {
     /// Allow backing files outside the image's directory.
     #[arg(long)]
     pub allow_backing_outside: bool,
+    /// Where to look for the parent of a VirtualBox differencing VDI (named only by UUID).
+    #[arg(long, value_name = "DIR")]
+    pub backing_dir: Option<PathBuf>,
     pub image: PathBuf,
 }
 
@@ -27,6 +30,7 @@ pub fn run(args: InfoArgs) -> i32 {
         lock: false,
         format: args.format.clone(),
         allow_backing_outside: args.allow_backing_outside,
+        backing_dir: args.backing_dir.clone(),
         ..OpenOpts::default()
     };
     let img = match Image::open(&args.image, &opts) {

@@ -55,6 +55,10 @@ pub struct MountArgs {
     /// Allow backing / data files named by an image to lie outside the image's directory.
     #[arg(long)]
     pub allow_backing_outside: bool,
+    /// Where to look for the parent of a VirtualBox differencing VDI (named only by UUID);
+    /// default: the child's own directory.
+    #[arg(long, value_name = "DIR")]
+    pub backing_dir: Option<PathBuf>,
     /// Let the kernel read and write raw images directly (FUSE passthrough): near-native speed,
     /// but that I/O bypasses imgfs (no statistics). Needs --format raw or --read-only.
     #[arg(long)]
@@ -108,6 +112,7 @@ fn mount(args: &MountArgs) -> Result<i32> {
         format: args.format.clone(),
         cache_size: args.cache_size.unwrap_or(DEFAULT_CACHE_SIZE),
         allow_backing_outside: args.allow_backing_outside,
+        backing_dir: args.backing_dir.clone(),
         ..OpenOpts::default()
     };
     let files = expand_inputs(inputs, &opts)?;

@@ -7,6 +7,8 @@ pub mod qcow;
 pub mod qcow2;
 pub mod qed;
 pub mod raw;
+pub mod vdi;
+pub mod vhd;
 pub mod vhdx;
 
 /// Every known format, probed in this order, one per line.
@@ -15,6 +17,8 @@ static FORMATS: &[&dyn Format] = &[
     &qcow::Qcow,
     &qed::Qed,
     &vhdx::Vhdx,
+    &vhd::Vpc,
+    &vdi::Vdi,
     &raw::Raw, // no magic: must stay last
 ];
 
@@ -35,7 +39,7 @@ pub fn by_name(name: &str) -> Result<&'static dyn Format> {
     FORMATS
         .iter()
         .copied()
-        .find(|f| f.name() == name)
+        .find(|f| f.name() == name || f.aliases().contains(&name))
         .ok_or_else(|| {
             let known: Vec<_> = FORMATS.iter().map(|f| f.name()).collect();
             Error::invalid(format!(
@@ -216,16 +220,15 @@ mod tests {
     fn containers_are_refused_by_name_and_registered_formats_win() {
         let zeros = vec![0u8; 4096];
         assert_eq!(detect(&zeros, &zeros).unwrap().name(), "raw");
+        let luks = with(0, b"LUKS\xba\xbe");
+        let e = detect(&luks, &zeros).err().expect("refused");
+        assert!(e.to_string().starts_with("LUKS"), "{e}");
+        // Registered formats serve their containers: VDI by its head, a fixed VHD by its
+        // trailing footer (looked for at the end), DMG (not registered) is refused.
         let vdi = with(0x40, b"\x7f\x10\xda\xbe");
-        let e = detect(&vdi, &zeros).err().expect("refused");
-        assert!(e.to_string().starts_with("VDI image"), "{e}");
-        // Trailers are looked for at the end: a fixed VHD's footer, DMG's koly block.
+        assert_eq!(detect(&vdi, &zeros).unwrap().name(), "vdi");
         let fixed = with(4096 - 512, b"conectix");
-        assert!(detect(&zeros, &fixed)
-            .err()
-            .expect("refused")
-            .to_string()
-            .contains("fixed VHD"));
+        assert_eq!(detect(&zeros, &fixed).unwrap().name(), "vpc");
         let dmg = with(4096 - 512, b"koly");
         assert!(detect(&zeros, &dmg)
             .err()

@@ -471,6 +471,23 @@ pub fn exercise_damaged(
     }
 }
 
+/// A VirtualBox differencing child of `parent` (whose header gives the UUIDs), 1 MiB blocks:
+/// block 1 holds 0xc1 bytes, block 3 is a zero block, the rest unallocated.
+pub fn vdi_differencing_child(parent: &Path, child: &Path) {
+    let ph = std::fs::read(parent).unwrap();
+    let size = u64::from_le_bytes(ph[0x170..0x178].try_into().unwrap());
+    let blocks = size.div_ceil(1u64 << 20) as u32;
+    let uuid = |at: usize| -> [u8; 16] { ph[at..at + 16].try_into().unwrap() };
+    let ids = [[0xaa; 16], [0xbb; 16], uuid(0x188), uuid(0x198)];
+    let mut img = imgfs::formats::vdi::build_header(4, size, (1u64 << 20) as u32, blocks, 1, ids);
+    let mut map = vec![0xffu8; imgfs::formats::vdi::bmap_bytes(blocks) as usize];
+    map[4..8].copy_from_slice(&0u32.to_le_bytes());
+    map[12..16].copy_from_slice(&0xffff_fffeu32.to_le_bytes());
+    img.extend_from_slice(&map);
+    img.extend(std::iter::repeat_n(0xc1u8, (1u64 << 20) as usize));
+    std::fs::write(child, img).unwrap();
+}
+
 /// Make /sbin/mount.fuse.imgfs point at the binary under test for the duration of a test.
 pub struct MountHelper {
     created: bool,
@@ -498,4 +515,33 @@ impl Drop for MountHelper {
             let _ = std::fs::remove_file("/sbin/mount.fuse.imgfs");
         }
     }
+}
+
+/// Writes a test of a block-based format applies through the engine (and to `want`): aligned,
+/// unaligned, one byte, across `block`-sized block boundaries, the last bytes of the disk, and
+/// a zeroed (unmapped) range of two blocks at `zero_at`.
+pub fn write_block_pattern(
+    im: &imgfs::Image,
+    want: &mut [u8],
+    seed: u64,
+    block: u64,
+    zero_at: u64,
+) {
+    let size = want.len() as u64;
+    let writes = [
+        (0, 4096),
+        (1000, 3000),
+        (block - 100, 300),
+        (2 * block - 1, 2 * block + 2),
+        (size / 2 + 77, block),
+        (size - 5000, 5000),
+        (7, 1),
+    ];
+    for (i, &(off, len)) in writes.iter().enumerate() {
+        let data = random_bytes(seed + i as u64, len as usize);
+        im.write_at(&data, off).unwrap();
+        want[off as usize..(off + len) as usize].copy_from_slice(&data);
+    }
+    im.write_zeroes(zero_at, 2 * block, true).unwrap();
+    want[zero_at as usize..(zero_at + 2 * block) as usize].fill(0);
 }
