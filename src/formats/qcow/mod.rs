@@ -174,6 +174,8 @@ impl QcowMap {
         if raw == 0 {
             return Ok(None);
         }
+        // The allocator's end, read *after* the entry: an allocator grows it before publishing
+        // an entry, so an end read earlier could be older than the entry (a false corruption).
         let fs = self.file_size.load(Ordering::SeqCst);
         if raw < HEADER_LEN as u64 || raw.checked_add(self.hdr.l2_bytes()).is_none_or(|e| e > fs) {
             return Err(Error::corrupt(format!(
@@ -222,11 +224,12 @@ impl QcowMap {
 
     fn run_in(&self, l2: u64, off: u64, len: u64) -> Result<(Entry, u64)> {
         let len = len.min(self.left_in_table(off));
-        let fs = self.file_size.load(Ordering::SeqCst);
         let start = self.l2_index(off);
         let entries = 1usize << self.hdr.l2_bits;
         let cs = self.cs;
         let r = self.l2.with(&self.io, l2, |t| -> Result<(Entry, u64)> {
+            // Read after the table (see `l2_for`).
+            let fs = self.file_size.load(Ordering::SeqCst);
             let first = self.classify(entry_at(t, start), fs)?;
             let mut run = cs - self.in_cluster(off);
             if matches!(first, Entry::Compressed { .. }) {

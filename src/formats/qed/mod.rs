@@ -157,14 +157,11 @@ impl QedMap {
 
     /// The L2 table offset mapping `off`, None when unallocated.
     fn l2_for(&self, off: u64) -> Result<Option<u64>> {
+        let l1 = self.read_l1();
+        // The allocator's end, read *after* the entry: an allocator grows it before publishing
+        // an entry, so an end read earlier could be older than the entry (a false corruption).
         let fs = self.file_size.load(Ordering::SeqCst);
-        table::l2_offset(
-            &self.hdr,
-            &self.read_l1(),
-            self.geo.l1_index(off),
-            fs,
-            self.lenient,
-        )
+        table::l2_offset(&self.hdr, &l1, self.geo.l1_index(off), fs, self.lenient)
     }
 
     /// The run of same-kind clusters at `off` (at most `len` bytes).
@@ -179,10 +176,11 @@ impl QedMap {
     }
 
     fn run_in(&self, l2: u64, off: u64, len: u64) -> Result<Run> {
-        let fs = self.file_size.load(Ordering::SeqCst);
         let (h, g, lenient) = (&self.hdr, &self.geo, self.lenient);
         self.l2
             .with(&self.io, l2, |t| {
+                // Read after the table (see `l2_for`).
+                let fs = self.file_size.load(Ordering::SeqCst);
                 table::scan_run(g, t, off, len, |raw| table::classify(h, raw, fs, lenient))
             })?
             .map_err(|e| e.at(l2 + g.l2_index(off) as u64 * 8))
