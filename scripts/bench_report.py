@@ -10,14 +10,34 @@ TARGETS = {"seqread": 3.0, "randread": 2.5, "randwrite-over": 2.0, "seqwrite-ove
            "seqwrite-alloc": 2.0, "randwrite-alloc": 2.0}
 ALLOCATING = {"qcow2", "qed", "vhdx"}
 
+def med(vals):
+    return statistics.median(vals) if vals else 0.0
+
+
+def mixed_report(path):
+    """The "mixed" case: readers' IOPS and p99 alone and with one fsyncing writer, per server."""
+    runs = defaultdict(list)  # (fmt, kind) -> [(alone_iops, alone_p99, iops, p99)]
+    for line in open(path):
+        fmt, kind, _rep, a_iops, a_p99, iops, p99 = line.split()
+        runs[(fmt, kind)].append((float(a_iops), float(a_p99), float(iops), float(p99)))
+    print("4 random 4 KiB O_DIRECT readers, alone and beside one writer fsyncing every 16 writes"
+          " (medians):")
+    print(f"{'format':<7}{'server':<10}{'alone IOPS':>11}{'p99 us':>8}{'+writer IOPS':>13}{'p99 us':>8}"
+          f"{'kept':>7}{'runs':>6}")
+    for (fmt, kind), v in sorted(runs.items()):
+        a, ap, b, bp = (med([r[i] for r in v]) for i in range(4))
+        kept = f"{b / a * 100:.0f}%" if a else "-"
+        print(f"{fmt:<7}{kind:<10}{a:>11.0f}{ap:>8.0f}{b:>13.0f}{bp:>8.0f}{kept:>7}{len(v):>6}")
+
+
+if sys.argv[1] == "--mixed":
+    mixed_report(sys.argv[2])
+    sys.exit(0)
+
 rows = defaultdict(list)  # (fmt, case, kind) -> [(mbs, iops, rss)]
 for line in open(sys.argv[1]):
     fmt, case, kind, _rep, mbs, iops, rss = line.rstrip("\n").split("\t")
     rows[(fmt, case, kind)].append((float(mbs), float(iops), int(rss or 0)))
-
-
-def med(vals):
-    return statistics.median(vals) if vals else 0.0
 
 
 def spread(vals):

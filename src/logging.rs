@@ -2,9 +2,9 @@
 //! syslog datagrams (journald reads /dev/log) once daemonized. One line per event, no colours.
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
+use parking_lot::Mutex;
 use std::io::Write;
 use std::os::unix::net::UnixDatagram;
-use std::sync::Mutex;
 
 enum Sink {
     Stderr,
@@ -40,7 +40,7 @@ pub fn to_syslog() {
         .and_then(|s| s.connect("/dev/log").map(|_| s))
         .map(Sink::Syslog)
         .unwrap_or(Sink::Discard);
-    *LOGGER.sink.lock().unwrap_or_else(|p| p.into_inner()) = sink;
+    *LOGGER.sink.lock() = sink;
 }
 
 impl Log for Logger {
@@ -51,7 +51,7 @@ impl Log for Logger {
         if !self.enabled(r.metadata()) || !r.target().starts_with("imgfs") {
             return;
         }
-        let sink = self.sink.lock().unwrap_or_else(|p| p.into_inner());
+        let sink = self.sink.lock();
         match &*sink {
             Sink::Stderr => {
                 let _ = writeln!(std::io::stderr(), "imgfs: {}: {}", r.level(), r.args());

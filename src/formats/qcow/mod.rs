@@ -27,8 +27,8 @@ use crate::image::{
     OpenCtx, Repair,
 };
 use header::{Header, COMPRESSED, HEADER_LEN};
+use parking_lot::{Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
 pub struct Qcow;
 
@@ -145,10 +145,10 @@ impl QcowMap {
     }
 
     fn read_l1(&self) -> RwLockReadGuard<'_, Vec<u64>> {
-        self.l1.read().unwrap_or_else(|p| p.into_inner())
+        self.l1.read()
     }
     fn lock_alloc(&self) -> MutexGuard<'_, u64> {
-        self.alloc.lock().unwrap_or_else(|p| p.into_inner())
+        self.alloc.lock()
     }
 
     fn l1_index(&self, off: u64) -> usize {
@@ -257,12 +257,12 @@ impl QcowMap {
     /// Inflate a compressed cluster (raw deflate, exactly one cluster of output).
     fn decompress(&self, off: u64, size: u64) -> Result<Vec<u8>> {
         let key = off | (size << (63 - self.hdr.cluster_bits as u32)) | COMPRESSED;
-        let mut zc = self.zcache.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((k, data)) = zc.as_ref() {
+        if let Some((k, data)) = self.zcache.lock().as_ref() {
             if *k == key {
                 return Ok(data.clone());
             }
         }
+        // Read and inflate with no lock held.
         let mut input = vec![0u8; size as usize];
         self.file.read_exact_at(&mut input, off)?;
         let mut out = vec![0u8; self.cs as usize];
@@ -274,7 +274,7 @@ impl QcowMap {
         if z.total_out() != self.cs {
             return Err(bad());
         }
-        *zc = Some((key, out.clone()));
+        *self.zcache.lock() = Some((key, out.clone()));
         Ok(out)
     }
 
@@ -289,8 +289,8 @@ impl QcowMap {
         let zeroed = vec![0u8; self.hdr.l2_bytes() as usize].into_boxed_slice();
         self.l2.insert_new(&self.io, l2, zeroed)?;
         let idx = self.l1_index(off);
-        self.l1.write().unwrap_or_else(|p| p.into_inner())[idx] = l2;
-        let mut d = self.l1_dirty.lock().unwrap_or_else(|p| p.into_inner());
+        self.l1.write()[idx] = l2;
+        let mut d = self.l1_dirty.lock();
         *d = Some(d.map_or((idx, idx), |(a, b)| (a.min(idx), b.max(idx))));
         Ok(l2)
     }
@@ -372,11 +372,7 @@ impl QcowMap {
             self.l2.flush(&self.io)?;
             self.file.sync()?;
         }
-        let dirty = self
-            .l1_dirty
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        let dirty = self.l1_dirty.lock().take();
         if let Some((a, b)) = dirty {
             let bytes: Vec<u8> = self.read_l1()[a..=b]
                 .iter()
@@ -388,7 +384,7 @@ impl QcowMap {
                 .write_all_at(&bytes, at)
                 .and_then(|_| self.file.sync())
             {
-                *self.l1_dirty.lock().unwrap_or_else(|p| p.into_inner()) = Some((a, b));
+                *self.l1_dirty.lock() = Some((a, b));
                 return Err(e);
             }
         }

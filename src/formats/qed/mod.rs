@@ -26,8 +26,8 @@ use crate::image::{
     OpenCtx, Repair,
 };
 use header::{Header, F_BACKING_FORMAT_NO_PROBE, F_NEED_CHECK, HEADER_LEN, KNOWN_AUTOCLEAR};
+use parking_lot::{Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use table::{Entry, Geometry, L2Io, Run};
 
 pub struct Qed;
@@ -149,10 +149,10 @@ impl QedMap {
     }
 
     fn lock_alloc(&self) -> MutexGuard<'_, Alloc> {
-        self.alloc.lock().unwrap_or_else(|p| p.into_inner())
+        self.alloc.lock()
     }
     fn read_l1(&self) -> RwLockReadGuard<'_, Vec<u64>> {
-        self.l1.read().unwrap_or_else(|p| p.into_inner())
+        self.l1.read()
     }
 
     /// The L2 table offset mapping `off`, None when unallocated.

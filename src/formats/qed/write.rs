@@ -118,7 +118,7 @@ impl QedMap {
         let zeroed = vec![0u8; self.geo.table_bytes as usize].into_boxed_slice();
         self.l2.insert_new(&self.io, l2, zeroed)?;
         let idx = self.geo.l1_index(off);
-        self.l1.write().unwrap_or_else(|p| p.into_inner())[idx] = l2;
+        self.l1.write()[idx] = l2;
         self.l1_dirty.store(true, Ordering::SeqCst);
         Ok(l2)
     }
