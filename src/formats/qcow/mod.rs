@@ -20,7 +20,7 @@ pub mod header;
 
 use crate::cache::{TableCache, TableIo};
 use crate::error::{Error, Result};
-use crate::format::{write_fill, Fill};
+use crate::format::{write_fill, Prefetched};
 use crate::host::HostFile;
 use crate::image::{
     BackingRef, Below, BlockMap, CheckReport, CreateOpts, Extent, Format, FormatStats, ImageInfo,
@@ -297,7 +297,13 @@ impl QcowMap {
 
     /// Allocate clusters at the end of the file for `[off, off+len)`, filling what the guest
     /// write does not cover (from below, or from the old compressed cluster).
-    fn allocate(&self, off: u64, len: u64, below: &dyn Below) -> Result<Extent> {
+    fn allocate(
+        &self,
+        off: u64,
+        len: u64,
+        below: &dyn Below,
+        pre: Option<&Prefetched>,
+    ) -> Result<Extent> {
         let mut file_end = self.lock_alloc();
         let l2 = self.l2_table_for_write(&mut file_end, off)?;
         let (first, run) = self.run_in(l2, off, len)?;
@@ -320,12 +326,13 @@ impl QcowMap {
                 let n = (self.in_cluster(off) + run).div_ceil(cs);
                 let run_end = cstart + n * cs;
                 let data_end = (off + len).min(run_end);
-                self.fill(host, cstart, off - cstart, below)?;
+                self.fill(host, cstart, off - cstart, below, pre)?;
                 self.fill(
                     host + (data_end - cstart),
                     data_end,
                     run_end - data_end,
                     below,
+                    pre,
                 )?;
                 n
             }
@@ -350,12 +357,15 @@ impl QcowMap {
         })
     }
 
-    fn fill(&self, host: u64, guest: u64, len: u64, below: &dyn Below) -> Result<()> {
-        let fill = Fill::Below {
-            below,
-            guest,
-            inside: self.hdr.virtual_size().saturating_sub(guest).min(len) as usize,
-        };
+    fn fill(
+        &self,
+        host: u64,
+        guest: u64,
+        len: u64,
+        below: &dyn Below,
+        pre: Option<&Prefetched>,
+    ) -> Result<()> {
+        let fill = Prefetched::fill(pre, below, guest, len, self.hdr.virtual_size());
         write_fill(
             &self.file,
             host,
@@ -439,13 +449,22 @@ impl BlockMap for QcowMap {
         if self.read_only {
             return Err(Error::read_only("qcow image is open read-only"));
         }
-        if let (Entry::Data(h), run) = self.run_at(off, len)? {
-            return Ok(Extent::Data {
-                host: h + self.in_cluster(off),
-                len: run,
-            });
-        }
-        self.allocate(off, len, below)
+        let pre = match self.run_at(off, len)? {
+            (Entry::Data(h), run) => {
+                return Ok(Extent::Data {
+                    host: h + self.in_cluster(off),
+                    len: run,
+                })
+            }
+            // Copy-on-write source read before the allocation lock.
+            (Entry::Unalloc, _) => {
+                let cstart = off - self.in_cluster(off);
+                let size = self.hdr.virtual_size();
+                Prefetched::read(below, cstart, self.cs, (off, len), size)?
+            }
+            _ => None,
+        };
+        self.allocate(off, len, below, pre.as_ref())
     }
 
     fn write_zeroes(&self, off: u64, len: u64, unmap: bool, _below: &dyn Below) -> Result<bool> {

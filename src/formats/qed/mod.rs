@@ -20,6 +20,7 @@ mod write;
 
 use crate::cache::TableCache;
 use crate::error::{Error, Result};
+use crate::format::Prefetched;
 use crate::host::HostFile;
 use crate::image::{
     BackingRef, Below, BlockMap, CheckReport, CreateOpts, Extent, Format, FormatStats, ImageInfo,
@@ -272,7 +273,14 @@ impl BlockMap for QedMap {
                 len: run.len,
             });
         }
-        self.allocate(off, len, below)
+        // Copy-on-write source read before the allocation lock.
+        let cs = self.geo.cluster_size;
+        let cstart = off - self.geo.in_cluster(off);
+        let pre = match run.first {
+            Entry::Unalloc => Prefetched::read(below, cstart, cs, (off, len), self.hdr.image_size)?,
+            _ => None,
+        };
+        self.allocate(off, len, below, pre.as_ref())
     }
 
     fn write_zeroes(&self, off: u64, len: u64, unmap: bool, _below: &dyn Below) -> Result<bool> {
