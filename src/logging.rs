@@ -1,7 +1,12 @@
-//! Logging: human lines on stderr in the foreground (level from RUST_LOG, default info), and
-//! syslog datagrams (journald reads /dev/log) once daemonized. One line per event, no colours.
+//! Logging through `env_logger`: `RUST_LOG` takes module filters (`imgfs=debug,fuser=info`); the
+//! default is info for imgfs and warnings for the crates below it. Lines go to stderr in the
+//! foreground and, once daemonized, to syslog datagrams on /dev/log (journald reads them), one
+//! datagram per record. env_logger has no syslog target and the daemon only knows it is detached
+//! after the logger is set, so its output goes through a writer whose sink can be switched; a
+//! syslog crate would add a dependency for the ten lines below.
 
-use log::{Level, LevelFilter, Log, Metadata, Record};
+use env_logger::fmt::Formatter;
+use log::{Level, LevelFilter, Record};
 use parking_lot::Mutex;
 use std::io::Write;
 use std::os::unix::net::UnixDatagram;
@@ -12,26 +17,59 @@ enum Sink {
     Discard,
 }
 
-struct Logger {
-    sink: Mutex<Sink>,
+static SINK: Mutex<Sink> = Mutex::new(Sink::Stderr);
+
+/// env_logger's output: each formatted record arrives in one `write` call.
+struct SinkWriter;
+
+impl Write for SinkWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match &*SINK.lock() {
+            Sink::Stderr => std::io::stderr().write_all(buf)?,
+            Sink::Syslog(sock) => {
+                let _ = sock.send(buf);
+            }
+            Sink::Discard => {}
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
-static LOGGER: Logger = Logger {
-    sink: Mutex::new(Sink::Stderr),
-};
-
-/// Parse RUST_LOG loosely: the last bare level word wins ("info", "imgfs=debug" -> debug).
-fn level_from_env() -> LevelFilter {
-    let spec = std::env::var("RUST_LOG").unwrap_or_default();
-    spec.split(',')
-        .filter_map(|part| part.rsplit('=').next()?.trim().parse::<LevelFilter>().ok())
-        .next_back()
-        .unwrap_or(LevelFilter::Info)
+fn format_record(f: &mut Formatter, r: &Record) -> std::io::Result<()> {
+    let ours = r.target() == "imgfs" || r.target().starts_with("imgfs::");
+    let target = if ours {
+        String::new()
+    } else {
+        format!("{}: ", r.target())
+    };
+    if matches!(&*SINK.lock(), Sink::Syslog(_)) {
+        // Facility daemon (3); severity from the level.
+        let sev = match r.level() {
+            Level::Error => 3,
+            Level::Warn => 4,
+            Level::Info => 6,
+            Level::Debug | Level::Trace => 7,
+        };
+        let pid = std::process::id();
+        write!(f, "<{}>imgfs[{pid}]: {target}{}", 3 * 8 + sev, r.args())
+    } else {
+        writeln!(f, "imgfs: {}: {target}{}", r.level(), r.args())
+    }
 }
 
 pub fn init() {
-    let _ = log::set_logger(&LOGGER);
-    log::set_max_level(level_from_env());
+    let mut b = env_logger::Builder::new();
+    b.filter_level(LevelFilter::Warn)
+        .filter_module("imgfs", LevelFilter::Info);
+    if let Ok(spec) = std::env::var("RUST_LOG") {
+        b.parse_filters(&spec);
+    }
+    b.format(format_record)
+        .target(env_logger::Target::Pipe(Box::new(SinkWriter)));
+    let _ = b.try_init();
 }
 
 /// Switch to syslog (after daemonizing). Falls back to discarding when there is no /dev/log.
@@ -40,40 +78,5 @@ pub fn to_syslog() {
         .and_then(|s| s.connect("/dev/log").map(|_| s))
         .map(Sink::Syslog)
         .unwrap_or(Sink::Discard);
-    *LOGGER.sink.lock() = sink;
-}
-
-impl Log for Logger {
-    fn enabled(&self, m: &Metadata) -> bool {
-        m.level() <= log::max_level()
-    }
-    fn log(&self, r: &Record) {
-        if !self.enabled(r.metadata()) || !r.target().starts_with("imgfs") {
-            return;
-        }
-        let sink = self.sink.lock();
-        match &*sink {
-            Sink::Stderr => {
-                let _ = writeln!(std::io::stderr(), "imgfs: {}: {}", r.level(), r.args());
-            }
-            Sink::Syslog(sock) => {
-                // facility daemon (3); severity from the level.
-                let sev = match r.level() {
-                    Level::Error => 3,
-                    Level::Warn => 4,
-                    Level::Info => 6,
-                    Level::Debug | Level::Trace => 7,
-                };
-                let line = format!(
-                    "<{}>imgfs[{}]: {}",
-                    3 * 8 + sev,
-                    std::process::id(),
-                    r.args()
-                );
-                let _ = sock.send(line.as_bytes());
-            }
-            Sink::Discard => {}
-        }
-    }
-    fn flush(&self) {}
+    *SINK.lock() = sink;
 }
