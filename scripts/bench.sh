@@ -5,6 +5,9 @@
 # add raw-pt for raw images served with FUSE passthrough). The fio jobs are scripts/fio/*.fio;
 # BENCH_CASES, BENCH_REPS, BENCH_SIZE, BENCH_RUNTIME and BENCH_DIR override the defaults;
 # BENCH_HOSTBUF=1 adds the buffered host-file probe to sequential-write cases.
+# The "mixed" case (BENCH_CASES=mixed) runs 4 random readers with and without one fsyncing writer
+# and reports the readers' IOPS and p99 latency; BENCH_BASELINE=/path/to/another/imgfs adds that
+# binary as a third server, interleaved with the others (e.g. an older build, for before/after).
 # BENCH_TRANSPORTS="uring dev" runs imgfs once per request transport (default: auto, i.e. io_uring
 # where the kernel offers it; as root the bench turns the kernel's switch on for uring).
 # BENCH_QSD11=DIR also runs qemu-storage-daemon 11 with 2 iothreads from a side tree DIR (see
@@ -30,6 +33,7 @@ work=${BENCH_DIR:-/var/tmp/imgfs-bench}
 bash scripts/install-deps.sh
 cargo build --release -q
 imgfs="$root/target/release/imgfs"
+baseline=${BENCH_BASELINE:-}
 mkdir -p "$work"
 results="$work/results.tsv"
 : > "$results"
@@ -102,10 +106,12 @@ new_empty() {  # $1=format -> path of a fresh empty image
 start_server() {
   local kind=$1 fmt=${2%-pt} img=$3 extra=()
   [ "$2" = raw-pt ] && extra=(--passthrough)
-  if [[ $kind == imgfs* ]]; then
-    [ "$kind" != imgfs ] && extra+=(--transport "${kind#imgfs-}")
+  if [[ $kind == imgfs* ]] || [ "$kind" = baseline ]; then
+    local bin=$imgfs
+    [ "$kind" = baseline ] && bin=$baseline
+    if [[ $kind == imgfs-* ]]; then extra+=(--transport "${kind#imgfs-}"); fi
     mkdir -p "$work/mnt"
-    "$imgfs" mount "${extra[@]}" --format "$fmt" "$img" "$work/mnt"
+    "$bin" mount "${extra[@]}" --format "$fmt" "$img" "$work/mnt"
     server_pid=$(getfattr --absolute-names --only-values -n user.imgfs.pid "$work/mnt")
     exposed="$work/mnt/$(basename "${img%.*}").raw"
   else
@@ -127,7 +133,7 @@ start_server() {
 }
 stop_server() {  # $1=imgfs|qsd $2=image
   local kind=$1 img=$2
-  if [[ $kind == imgfs* ]]; then
+  if [[ $kind == imgfs* ]] || [ "$kind" = baseline ]; then
     "$imgfs" umount "$work/mnt"
   else
     kill "$server_pid"
@@ -156,6 +162,16 @@ ios=j["read"]["total_ios"]+j["write"]["total_ios"]
 print(f"{bw:.1f}\t{iops:.0f}\t{ios}")'
 }
 image_kind() { sed -n 's/^# bench-image: //p' "$jobs/$1.fio"; }
+# run_mixed FILE [--section=readers] -> prints the readers' IOPS and p99 completion latency (us)
+run_mixed() {
+  FILE=$1 SIZE=$size RUNTIME=$runtime fio --output-format=json ${2:-} "$jobs/mixed.fio" 2>/dev/null |
+    python3 -c 'import json,sys
+r=json.load(sys.stdin)["jobs"][0]["read"]
+iops, p99 = r["iops"], r["clat_ns"]["percentile"]["99.000000"] / 1000
+print(f"{iops:.0f}\t{p99:.0f}")'
+}
+mixed="$work/mixed.tsv"
+: > "$mixed"
 
 # The host-file limit runs on a fully allocated raw copy of the seed.
 host_file() {
@@ -192,7 +208,23 @@ for fmt in "${formats[@]}"; do
     # (Off by default: it adds about a minute.)
     kinds=("${imgfs_kinds[@]}" qsd)
     [ -n "$qsd11" ] && kinds+=(qsd11)
+    [ -n "$baseline" ] && kinds+=(baseline)
     [[ $name == seqwrite* ]] && [ "${BENCH_HOSTBUF:-0}" = 1 ] && kinds+=(hostbuf)
+    if [ "$name" = mixed ]; then
+      # Readers alone, then readers with the writer, on one mount; servers interleaved per rep.
+      for rep in $(seq 1 "$reps"); do
+        for kind in "${kinds[@]}"; do
+          img="$work/full.${fmt%-pt}"
+          start_server "$kind" "$fmt" "$img"
+          alone=$(run_mixed "$exposed" --section=readers)
+          both=$(run_mixed "$exposed")
+          stop_server "$kind" "$img"
+          printf '%s\t%s\t%s\t%s\t%s\n' "$fmt" "$kind" "$rep" "$alone" "$both" >> "$mixed"
+          log "$fmt mixed $kind #$rep: readers alone $alone, with writer $both (IOPS, p99 us)"
+        done
+      done
+      continue
+    fi
     for rep in $(seq 1 "$reps"); do
       for kind in "${kinds[@]}"; do
         if [ "$kind" = hostbuf ]; then
@@ -221,6 +253,7 @@ done
 # Host-file limit: the same jobs straight on a raw file with O_DIRECT.
 host_file
 for name in "${cases[@]}"; do
+  [ "$name" = mixed ] && continue
   for rep in $(seq 1 "$reps"); do
     out=$(run_fio "$name" "$work/host.raw")
     printf 'host\t%s\thost\t%s\t%s\t0\t0\n' "$name" "$rep" "$out" >> "$results"
@@ -250,4 +283,6 @@ for fmt in qcow2 vhdx; do
 done
 
 log "fio cases took $(( $(date +%s) - t_start )) s"
-python3 "$root/scripts/bench_report.py" "$results" "$startup"
+[ -s "$results" ] && python3 "$root/scripts/bench_report.py" "$results" "$startup"
+[ -s "$mixed" ] && python3 "$root/scripts/bench_report.py" --mixed "$mixed"
+true

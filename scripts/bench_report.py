@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
 """Turn bench.sh's raw rows into the table printed and recorded in the README."""
+import os
 import statistics
 import sys
 from collections import defaultdict
@@ -10,7 +11,30 @@ TARGETS = {"seqread": 3.0, "randread": 2.5, "randwrite-over": 2.0, "seqwrite-ove
            "seqwrite-alloc": 2.0, "randwrite-alloc": 2.0}
 ALLOCATING = {"qcow2", "qed", "vhdx"}
 
-import os
+def med(vals):
+    return statistics.median(vals) if vals else 0.0
+
+
+def mixed_report(path):
+    """The "mixed" case: readers' IOPS and p99 alone and with one fsyncing writer, per server."""
+    runs = defaultdict(list)  # (fmt, kind) -> [(alone_iops, alone_p99, iops, p99)]
+    for line in open(path):
+        fmt, kind, _rep, a_iops, a_p99, iops, p99 = line.split()
+        runs[(fmt, kind)].append((float(a_iops), float(a_p99), float(iops), float(p99)))
+    print("4 random 4 KiB O_DIRECT readers, alone and beside one writer fsyncing every 16 writes"
+          " (medians):")
+    print(f"{'format':<7}{'server':<10}{'alone IOPS':>11}{'p99 us':>8}{'+writer IOPS':>13}{'p99 us':>8}"
+          f"{'kept':>7}{'runs':>6}")
+    for (fmt, kind), v in sorted(runs.items()):
+        a, ap, b, bp = (med([r[i] for r in v]) for i in range(4))
+        kept = f"{b / a * 100:.0f}%" if a else "-"
+        print(f"{fmt:<7}{kind:<10}{a:>11.0f}{ap:>8.0f}{b:>13.0f}{bp:>8.0f}{kept:>7}{len(v):>6}")
+
+
+if sys.argv[1] == "--mixed":
+    mixed_report(sys.argv[2])
+    sys.exit(0)
+
 
 TICK_US = 1e6 / os.sysconf("SC_CLK_TCK")
 rows = defaultdict(list)  # (fmt, case, kind) -> [(mbs, iops, rss, daemon CPU µs per I/O)]
@@ -21,10 +45,6 @@ for line in open(sys.argv[1]):
 kinds = {k for (_, _, k) in rows}
 # The imgfs column of the main table: the default transport, else the first one benchmarked.
 primary = next((k for k in ["imgfs", "imgfs-uring", "imgfs-dev"] if k in kinds), "imgfs")
-
-
-def med(vals):
-    return statistics.median(vals) if vals else 0.0
 
 
 def spread(vals):

@@ -1,16 +1,28 @@
 //! TableCache: an LRU of fixed-size metadata tables (qcow2/qcow L2 tables and refcount blocks,
 //! QED tables, VHDX BAT pages) keyed by their host offset, with dirty tracking.
 //!
+//! Lock model: a table is an immutable, reference-counted page (`Arc<[u8]>`). A hit clones the
+//! page under a short lock and runs the caller's closure outside it, so readers never queue
+//! behind each other. A miss loads the table with no lock held (two loaders racing: the first
+//! insert wins). `with_mut` changes a page in place when no reader holds it, else copies it
+//! (readers keep the version they took). Nothing does I/O under the cache's lock: write-back
+//! takes a snapshot of the dirty pages, stores them outside the lock, and marks a page clean
+//! only if it was not changed meanwhile. Readers (`with`) never write anything back: they evict
+//! only clean tables; dirty ones are written back by writers (`with_mut`, `insert_new`) and
+//! `flush`.
+//!
 //! The cache never decides write-back order by itself. Writing a dirty table goes through the
 //! format's `TableIo::store`, which first makes whatever the table depends on durable (data
 //! clusters, refcount blocks, a log entry) — QEMU's "cache dependency" idea. `flush` writes every
 //! dirty table through the same path; the format calls flushes of its caches in its safe order.
+//! Stores of one cache are serialised (one store lock), so an older snapshot of a table never
+//! lands on disk after a newer one.
 
 use crate::error::Result;
 use lru::LruCache;
-use std::num::NonZeroUsize;
+use parking_lot::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Arc;
 
 /// How a format loads and stores one kind of table.
 pub trait TableIo {
@@ -38,8 +50,38 @@ pub fn store_after_sync(
 }
 
 struct Slot {
-    data: Box<[u8]>,
+    data: Arc<[u8]>,
     dirty: bool,
+    /// Bumped on every change: a write-back marks the slot clean only if it stored this version.
+    version: u64,
+}
+
+struct Slots {
+    lru: LruCache<u64, Slot>,
+    cap: usize,
+    /// Bumped whenever a table is dropped or replaced, so that a load that started earlier
+    /// (and may have read an older version from disk) is not inserted.
+    changes: u64,
+}
+
+impl Slots {
+    /// Drop least recently used clean tables while over capacity (no I/O), never `keep` (the
+    /// table being handed out).
+    fn evict_clean(&mut self, evictions: &AtomicU64, keep: Option<u64>) {
+        while self.lru.len() > self.cap {
+            let Some(off) = self
+                .lru
+                .iter()
+                .rev()
+                .find(|(k, s)| !s.dirty && Some(**k) != keep)
+                .map(|(k, _)| *k)
+            else {
+                return;
+            };
+            self.lru.pop(&off);
+            evictions.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 #[derive(Debug, Default, Clone, Copy, serde::Serialize)]
@@ -51,7 +93,9 @@ pub struct CacheStats {
 }
 
 pub struct TableCache {
-    slots: Mutex<LruCache<u64, Slot>>,
+    slots: Mutex<Slots>,
+    /// Held across every `TableIo::store` of this cache (never while `slots` is held).
+    store_lock: Mutex<()>,
     table_size: usize,
     hits: AtomicU64,
     misses: AtomicU64,
@@ -60,11 +104,17 @@ pub struct TableCache {
 }
 
 impl TableCache {
-    /// A cache of tables of `table_size` bytes holding at most `budget_bytes` (at least 2 tables).
+    /// A cache of tables of `table_size` bytes holding at most `budget_bytes` (at least 2 tables;
+    /// more while every table is dirty, until a writer or `flush` writes them back).
     pub fn new(table_size: usize, budget_bytes: u64) -> TableCache {
-        let n = (budget_bytes / table_size.max(1) as u64).clamp(2, 1 << 24) as usize;
+        let cap = (budget_bytes / table_size.max(1) as u64).clamp(2, 1 << 24) as usize;
         TableCache {
-            slots: Mutex::new(LruCache::new(NonZeroUsize::new(n).expect("n >= 2"))),
+            slots: Mutex::new(Slots {
+                lru: LruCache::unbounded(),
+                cap,
+                changes: 0,
+            }),
+            store_lock: Mutex::new(()),
             table_size,
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
@@ -77,11 +127,7 @@ impl TableCache {
         self.table_size
     }
     pub fn capacity(&self) -> usize {
-        self.lock().cap().get()
-    }
-
-    fn lock(&self) -> MutexGuard<'_, LruCache<u64, Slot>> {
-        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+        self.slots.lock().cap
     }
 
     pub fn stats(&self) -> CacheStats {
@@ -93,102 +139,170 @@ impl TableCache {
         }
     }
 
-    /// Run `f` on the table at `off`, loading it on a miss.
-    pub fn with<R>(&self, io: &dyn TableIo, off: u64, f: impl FnOnce(&[u8]) -> R) -> Result<R> {
-        let mut slots = self.lookup(io, off)?;
-        let slot = slots.get(&off).expect("present after lookup");
-        Ok(f(&slot.data))
+    /// The current version of the table at `off`, loaded on a miss. The page never changes:
+    /// a later `with_mut` makes a new one.
+    pub fn get(&self, io: &dyn TableIo, off: u64) -> Result<Arc<[u8]>> {
+        loop {
+            let changes = {
+                let mut s = self.slots.lock();
+                if let Some(slot) = s.lru.get(&off) {
+                    self.hits.fetch_add(1, Ordering::Relaxed);
+                    return Ok(slot.data.clone());
+                }
+                s.changes
+            };
+            self.misses.fetch_add(1, Ordering::Relaxed);
+            let mut buf = vec![0u8; self.table_size];
+            io.load(off, &mut buf)?;
+            let data: Arc<[u8]> = buf.into();
+            let mut s = self.slots.lock();
+            if let Some(slot) = s.lru.get(&off) {
+                return Ok(slot.data.clone()); // another loader won
+            }
+            if s.changes != changes {
+                continue; // a table was dropped or replaced meanwhile: what we read may be stale
+            }
+            s.lru.put(
+                off,
+                Slot {
+                    data: data.clone(),
+                    dirty: false,
+                    version: 0,
+                },
+            );
+            s.evict_clean(&self.evictions, Some(off));
+            return Ok(data);
+        }
     }
 
-    /// Run `f` on the table at `off` for modification; the table becomes dirty.
+    /// Run `f` on the table at `off`, loading it on a miss. `f` runs with no lock held.
+    pub fn with<R>(&self, io: &dyn TableIo, off: u64, f: impl FnOnce(&[u8]) -> R) -> Result<R> {
+        Ok(f(&self.get(io, off)?))
+    }
+
+    /// Run `f` on the table at `off` for modification; the table becomes dirty. `f` runs under
+    /// the cache's lock: it must be short and do no I/O. Callers serialise their modifications
+    /// (the format's allocation lock); readers see the old or the new version, never a mix.
     pub fn with_mut<R>(
         &self,
         io: &dyn TableIo,
         off: u64,
         f: impl FnOnce(&mut [u8]) -> R,
     ) -> Result<R> {
-        let mut slots = self.lookup(io, off)?;
-        let slot = slots.get_mut(&off).expect("present after lookup");
-        slot.dirty = true;
-        Ok(f(&mut slot.data))
+        let r = loop {
+            self.get(io, off)?;
+            let mut s = self.slots.lock();
+            let Some(slot) = s.lru.get_mut(&off) else {
+                continue; // evicted between the load and now
+            };
+            if Arc::get_mut(&mut slot.data).is_none() {
+                slot.data = Arc::from(&slot.data[..]); // a reader holds it: copy on write
+            }
+            let data = Arc::get_mut(&mut slot.data).expect("unique after the copy");
+            slot.dirty = true;
+            slot.version += 1;
+            break f(data);
+        };
+        self.trim(io)?;
+        Ok(r)
     }
 
     /// Put a freshly built table (e.g. a newly allocated, zeroed L2) in the cache as dirty.
     pub fn insert_new(&self, io: &dyn TableIo, off: u64, data: Box<[u8]>) -> Result<()> {
         debug_assert_eq!(data.len(), self.table_size);
-        let mut slots = self.lock();
-        if !slots.contains(&off) {
-            self.make_room(io, &mut slots)?;
+        {
+            let mut s = self.slots.lock();
+            let version = s.lru.peek(&off).map_or(0, |old| old.version) + 1;
+            s.lru.put(
+                off,
+                Slot {
+                    data: data.into(),
+                    dirty: true,
+                    version,
+                },
+            );
+            s.changes += 1;
         }
-        slots.put(off, Slot { data, dirty: true });
-        Ok(())
+        self.trim(io)
     }
 
-    /// Forget a table without writing it (its cluster was freed).
+    /// Forget a table without writing it (its cluster was freed, or it was rewritten on disk).
     pub fn discard(&self, off: u64) {
-        self.lock().pop(&off);
+        let mut s = self.slots.lock();
+        s.lru.pop(&off);
+        s.changes += 1;
     }
 
     /// Forget every table; dirty ones are lost. Used after a failed open or for re-reads.
     pub fn clear(&self) {
-        self.lock().clear();
+        let mut s = self.slots.lock();
+        s.lru.clear();
+        s.changes += 1;
     }
 
     pub fn is_dirty(&self) -> bool {
-        self.lock().iter().any(|(_, s)| s.dirty)
+        self.slots.lock().lru.iter().any(|(_, s)| s.dirty)
     }
 
-    /// Write every dirty table through `io.store` (ascending host offset). Does not sync.
+    /// Write every dirty table through `io.store` (ascending host offset). Does not sync. Holds
+    /// no lock readers need while it writes.
     pub fn flush(&self, io: &dyn TableIo) -> Result<()> {
-        let mut slots = self.lock();
-        let mut dirty: Vec<u64> = slots
+        let _store = self.store_lock.lock();
+        let mut dirty: Vec<(u64, Arc<[u8]>, u64)> = self
+            .slots
+            .lock()
+            .lru
             .iter()
             .filter(|(_, s)| s.dirty)
-            .map(|(k, _)| *k)
+            .map(|(k, s)| (*k, s.data.clone(), s.version))
             .collect();
-        dirty.sort_unstable();
-        for off in dirty {
-            let slot = slots.peek_mut(&off).expect("listed above");
-            io.store(off, &slot.data)?;
-            slot.dirty = false;
+        dirty.sort_unstable_by_key(|d| d.0);
+        for (off, data, version) in dirty {
+            io.store(off, &data)?;
             self.writebacks.fetch_add(1, Ordering::Relaxed);
+            self.mark_clean(off, version);
         }
         Ok(())
     }
 
-    fn lookup(&self, io: &dyn TableIo, off: u64) -> Result<MutexGuard<'_, LruCache<u64, Slot>>> {
-        let slots = self.lock();
-        if slots.contains(&off) {
-            self.hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(slots);
-        }
-        self.misses.fetch_add(1, Ordering::Relaxed);
-        // Load without holding the lock, so readers of other tables are not held up by I/O.
-        drop(slots);
-        let mut data = vec![0u8; self.table_size].into_boxed_slice();
-        io.load(off, &mut data)?;
-        let mut slots = self.lock();
-        if !slots.contains(&off) {
-            self.make_room(io, &mut slots)?;
-            slots.put(off, Slot { data, dirty: false });
-        }
-        Ok(slots)
-    }
-
-    /// Evict the least recently used table if full, writing it back first when dirty.
-    fn make_room(&self, io: &dyn TableIo, slots: &mut LruCache<u64, Slot>) -> Result<()> {
-        if slots.len() < slots.cap().get() {
-            return Ok(());
-        }
-        if let Some((&off, slot)) = slots.peek_lru() {
-            if slot.dirty {
-                io.store(off, &slot.data)?;
-                self.writebacks.fetch_add(1, Ordering::Relaxed);
+    fn mark_clean(&self, off: u64, version: u64) {
+        let mut s = self.slots.lock();
+        if let Some(slot) = s.lru.peek_mut(&off) {
+            if slot.version == version {
+                slot.dirty = false;
             }
-            slots.pop_lru();
-            self.evictions.fetch_add(1, Ordering::Relaxed);
         }
-        Ok(())
+    }
+
+    /// Back under capacity: drop clean tables, writing the least recently used dirty ones back
+    /// first when there are no clean ones left.
+    fn trim(&self, io: &dyn TableIo) -> Result<()> {
+        loop {
+            let victim = {
+                let mut s = self.slots.lock();
+                s.evict_clean(&self.evictions, None);
+                if s.lru.len() <= s.cap {
+                    return Ok(());
+                }
+                s.lru.peek_lru().map(|(k, _)| *k)
+            };
+            let Some(off) = victim else {
+                return Ok(());
+            };
+            let _store = self.store_lock.lock();
+            let snapshot = {
+                let s = self.slots.lock();
+                s.lru
+                    .peek(&off)
+                    .filter(|slot| slot.dirty)
+                    .map(|slot| (slot.data.clone(), slot.version))
+            };
+            if let Some((data, version)) = snapshot {
+                io.store(off, &data)?;
+                self.writebacks.fetch_add(1, Ordering::Relaxed);
+                self.mark_clean(off, version);
+            }
+        }
     }
 }
 
@@ -215,21 +329,78 @@ mod tests {
     }
 
     #[test]
-    fn hit_miss_and_lru_eviction_writes_back_dirty() {
+    fn readers_evict_clean_tables_only_and_writers_write_back_dirty() {
         let io = Recorder::default();
         let c = TableCache::new(16, 32); // two tables
         assert_eq!(c.with(&io, 1, |t| t[0]).unwrap(), 1);
         assert_eq!(c.with(&io, 1, |t| t[0]).unwrap(), 1);
         c.with_mut(&io, 2, |t| t[0] = 42).unwrap();
         assert_eq!(*io.loads.borrow(), vec![1, 2]);
-        c.with(&io, 1, |_| ()).unwrap(); // 2 is now least recently used
-        c.with(&io, 3, |_| ()).unwrap(); // evicts dirty 2 -> written back
+        c.with(&io, 1, |_| ()).unwrap(); // 2 is now least recently used, but dirty
+        c.with(&io, 3, |_| ()).unwrap(); // evicts clean 1, no write
+        assert!(io.stores.borrow().is_empty());
+        c.with_mut(&io, 3, |t| t[0] = 7).unwrap();
+        c.with(&io, 5, |_| ()).unwrap(); // everything else dirty: a reader writes nothing
+        assert!(io.stores.borrow().is_empty());
+        c.insert_new(&io, 6, vec![6; 16].into()).unwrap(); // evicts 5, writes back 2
         assert_eq!(*io.stores.borrow(), vec![(2, 42)]);
-        c.with(&io, 3, |_| ()).unwrap();
-        c.with(&io, 4, |_| ()).unwrap(); // evicts clean 1 -> no write
-        assert_eq!(io.stores.borrow().len(), 1);
+        assert_eq!(c.with(&io, 3, |t| t[0]).unwrap(), 7);
         let s = c.stats();
-        assert_eq!((s.hits, s.misses, s.evictions, s.writebacks), (3, 4, 2, 1));
+        assert_eq!((s.hits, s.misses, s.evictions, s.writebacks), (4, 4, 3, 1));
+    }
+
+    #[test]
+    fn a_table_loaded_into_a_full_dirty_cache_is_not_evicted_at_once() {
+        let io = Recorder::default();
+        let c = TableCache::new(8, 16); // two tables
+        c.with_mut(&io, 1, |t| t[0] = 11).unwrap();
+        c.with_mut(&io, 2, |t| t[0] = 12).unwrap();
+        assert_eq!(c.with(&io, 3, |t| t[0]).unwrap(), 3);
+        c.with_mut(&io, 4, |t| t[0] = 14).unwrap(); // writes 1 back to get under capacity
+        assert_eq!(c.with(&io, 4, |t| t[0]).unwrap(), 14);
+        assert_eq!(io.loads.borrow().len(), 4);
+        assert_eq!(io.stores.borrow()[0], (1, 11));
+    }
+
+    #[test]
+    fn a_page_taken_by_a_reader_does_not_change_under_it() {
+        let io = Recorder::default();
+        let c = TableCache::new(8, 64);
+        let before = c.get(&io, 9).unwrap();
+        c.with_mut(&io, 9, |t| t[0] = 1).unwrap();
+        assert_eq!(before[0], 9);
+        assert_eq!(c.get(&io, 9).unwrap()[0], 1);
+    }
+
+    #[test]
+    fn a_load_racing_a_discard_is_not_cached() {
+        // The table is dropped while its load runs (as when it is rewritten on disk): the
+        // possibly stale bytes are not inserted; the load is retried.
+        struct Racing<'a> {
+            cache: &'a TableCache,
+            loads: RefCell<u8>,
+        }
+        impl TableIo for Racing<'_> {
+            fn load(&self, off: u64, buf: &mut [u8]) -> Result<()> {
+                *self.loads.borrow_mut() += 1;
+                buf.fill(*self.loads.borrow());
+                if *self.loads.borrow() == 1 {
+                    self.cache.discard(off);
+                }
+                Ok(())
+            }
+            fn store(&self, _: u64, _: &[u8]) -> Result<()> {
+                Ok(())
+            }
+        }
+        let c = TableCache::new(8, 64);
+        let io = Racing {
+            cache: &c,
+            loads: RefCell::new(0),
+        };
+        assert_eq!(c.with(&io, 4, |t| t[0]).unwrap(), 2);
+        assert_eq!(c.with(&io, 4, |t| t[0]).unwrap(), 2);
+        assert_eq!(*io.loads.borrow(), 2);
     }
 
     #[test]

@@ -100,6 +100,57 @@ pub enum Fill<'a> {
     Bytes(&'a [u8]),
 }
 
+/// The backing chain's bytes of one cluster, read before a format takes its allocation lock so
+/// that other writers do not wait on that read. Valid for as long as the cluster stays
+/// unallocated in this image (what lies below an image does not change while it is open).
+pub struct Prefetched {
+    start: u64,
+    bytes: Vec<u8>,
+}
+
+impl Prefetched {
+    /// For a write of `[off, off+len)` into the `cs`-byte cluster at guest offset `start` of an
+    /// image of `virtual_size` bytes. None when the write covers the whole cluster or there is
+    /// nothing but zeros below.
+    pub fn read(
+        below: &dyn Below,
+        start: u64,
+        cs: u64,
+        (off, len): (u64, u64),
+        virtual_size: u64,
+    ) -> Result<Option<Prefetched>> {
+        let partial = off > start || off + len < start + cs;
+        if !partial || below.zeros_below(start, cs) {
+            return Ok(None);
+        }
+        let mut bytes = vec![0u8; cs as usize];
+        let inside = virtual_size.saturating_sub(start).min(cs) as usize;
+        below.read_below(start, &mut bytes[..inside])?;
+        Ok(Some(Prefetched { start, bytes }))
+    }
+
+    /// The fill of `len` bytes at guest offset `guest` from below: the prefetched bytes when
+    /// they cover it, else read from `below` (zeros past `virtual_size`).
+    pub fn fill<'a>(
+        pre: Option<&'a Prefetched>,
+        below: &'a dyn Below,
+        guest: u64,
+        len: u64,
+        virtual_size: u64,
+    ) -> Fill<'a> {
+        match pre {
+            Some(p) if guest >= p.start && guest + len <= p.start + p.bytes.len() as u64 => {
+                Fill::Bytes(&p.bytes[(guest - p.start) as usize..])
+            }
+            _ => Fill::Below {
+                below,
+                guest,
+                inside: virtual_size.saturating_sub(guest).min(len) as usize,
+            },
+        }
+    }
+}
+
 /// Write `len` bytes of `fill` at `host` in `file`. When `host_zero` (the host file reads zeros
 /// there already: the range lies past its end) zeros are neither built nor written.
 pub fn write_fill(

@@ -4,13 +4,14 @@
 //! point and get back what a disk might have kept.
 
 use crate::error::{Error, Result};
+use parking_lot::{Mutex, MutexGuard};
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
 /// What a host file backend must do. Implemented by `RealFile` and `FaultFile`.
 #[allow(clippy::len_without_is_empty)]
@@ -376,8 +377,7 @@ impl FaultFile {
     }
 
     fn lock(&self) -> MutexGuard<'_, FaultState> {
-        // A panic in another test thread must not hide this file's contents.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.lock()
     }
 
     /// Wrap in a HostFile named `path` (the name is only used in messages and for siblings).

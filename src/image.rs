@@ -121,6 +121,10 @@ pub struct Image {
     probed_raw: bool,
     /// Set when a corrupt structure was found at runtime: no further writes.
     degraded: AtomicBool,
+    /// Set when a write, discard or flush failed part-way (host I/O error, no space): metadata
+    /// may not have reached disk as the format believes, so close writes back what it can but
+    /// leaves the dirty / need-check / log marks for the next open to repair.
+    unclean: AtomicBool,
     closed: AtomicBool,
     /// Virtual size; grows online (`resize`), never shrinks while open for I/O.
     size: AtomicU64,
@@ -224,6 +228,7 @@ impl Image {
             read_only,
             probed_raw,
             degraded: AtomicBool::new(false),
+            unclean: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             size: AtomicU64::new(info.virtual_size),
             resizing: parking_lot::Mutex::new(()),
@@ -355,6 +360,9 @@ impl Image {
     fn failed(&self, op: &str, off: u64, e: Error) -> Error {
         self.stats.errors.fetch_add(1, Ordering::Relaxed);
         let e = e.in_file(&self.path);
+        if op != "read" && matches!(e.kind(), ErrorKind::Io | ErrorKind::NoSpace) {
+            self.unclean.store(true, Ordering::Relaxed);
+        }
         if e.kind() == ErrorKind::Corrupt && !self.degraded.swap(true, Ordering::Relaxed) {
             log::error!(
                 "{}: {op} at guest offset {off:#x}: {e}; image switched to read-only",
@@ -724,7 +732,7 @@ impl Image {
         if self.closed.swap(true, Ordering::SeqCst) || self.read_only {
             return Ok(());
         }
-        if self.is_degraded() {
+        if self.is_degraded() || self.unclean.load(Ordering::Relaxed) {
             // Write back what is safe, but do not mark a damaged image clean.
             return self.map.flush().map_err(|e| e.in_file(&self.path));
         }
@@ -814,6 +822,11 @@ impl Below for Image {
 
 impl Drop for Image {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // Metadata may be half-updated: leave the image marked dirty for the next open.
+            log::error!("{}: not closed after a panic", self.path.display());
+            return;
+        }
         if let Err(e) = self.close() {
             log::error!("closing {}: {e}", self.path.display());
         }

@@ -17,11 +17,12 @@ use fuser::{
     ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite,
     ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
+use parking_lot::Mutex;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Attributes never change behind the kernel's back (we are the only writer), so cache them.
@@ -478,7 +479,7 @@ impl Filesystem for ImgFs {
             Some(fd) => {
                 // The kernel refuses KEEP_CACHE with passthrough (there is no FUSE page cache).
                 let flags = flags - FopenFlags::FOPEN_KEEP_CACHE;
-                let mut ids = self.backing_ids.lock().unwrap_or_else(|p| p.into_inner());
+                let mut ids = self.backing_ids.lock();
                 if let Some((id, users)) = ids.get_mut(&ino.0) {
                     *users += 1;
                     return reply.opened_passthrough(FileHandle(1), flags, id);
@@ -591,7 +592,7 @@ impl Filesystem for ImgFs {
     ) {
         self.parts.synced(ino.0);
         if fh.0 == 1 {
-            let mut ids = self.backing_ids.lock().unwrap_or_else(|p| p.into_inner());
+            let mut ids = self.backing_ids.lock();
             if let Some((_, users)) = ids.get_mut(&ino.0) {
                 *users -= 1;
                 if *users == 0 {

@@ -21,15 +21,15 @@ mod resize;
 
 use crate::cache::{TableCache, TableIo};
 use crate::error::{Error, Result};
-use crate::format::{write_fill, Fill};
+use crate::format::{write_fill, Prefetched};
 use crate::host::HostFile;
 use crate::image::{
     BackingRef, Below, BlockMap, CheckReport, CreateOpts, Extent, Format, FormatStats, ImageInfo,
     OpenCtx, Repair,
 };
 use header::{Header, COMPRESSED, HEADER_LEN};
+use parking_lot::{Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
 pub struct Qcow;
 
@@ -151,10 +151,10 @@ impl QcowMap {
     }
 
     fn read_l1(&self) -> RwLockReadGuard<'_, Vec<u64>> {
-        self.l1.read().unwrap_or_else(|p| p.into_inner())
+        self.l1.read()
     }
     fn lock_alloc(&self) -> MutexGuard<'_, u64> {
-        self.alloc.lock().unwrap_or_else(|p| p.into_inner())
+        self.alloc.lock()
     }
 
     fn l1_index(&self, off: u64) -> usize {
@@ -180,6 +180,8 @@ impl QcowMap {
         if raw == 0 {
             return Ok(None);
         }
+        // The allocator's end, read *after* the entry: an allocator grows it before publishing
+        // an entry, so an end read earlier could be older than the entry (a false corruption).
         let fs = self.file_size.load(Ordering::SeqCst);
         if raw < HEADER_LEN as u64 || raw.checked_add(self.hdr.l2_bytes()).is_none_or(|e| e > fs) {
             return Err(Error::corrupt(format!(
@@ -228,11 +230,12 @@ impl QcowMap {
 
     fn run_in(&self, l2: u64, off: u64, len: u64) -> Result<(Entry, u64)> {
         let len = len.min(self.left_in_table(off));
-        let fs = self.file_size.load(Ordering::SeqCst);
         let start = self.l2_index(off);
         let entries = 1usize << self.hdr.l2_bits;
         let cs = self.cs;
         let r = self.l2.with(&self.io, l2, |t| -> Result<(Entry, u64)> {
+            // Read after the table (see `l2_for`).
+            let fs = self.file_size.load(Ordering::SeqCst);
             let first = self.classify(entry_at(t, start), fs)?;
             let mut run = cs - self.in_cluster(off);
             if matches!(first, Entry::Compressed { .. }) {
@@ -260,12 +263,12 @@ impl QcowMap {
     /// Inflate a compressed cluster (raw deflate, exactly one cluster of output).
     fn decompress(&self, off: u64, size: u64) -> Result<Vec<u8>> {
         let key = off | (size << (63 - self.hdr.cluster_bits as u32)) | COMPRESSED;
-        let mut zc = self.zcache.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((k, data)) = zc.as_ref() {
+        if let Some((k, data)) = self.zcache.lock().as_ref() {
             if *k == key {
                 return Ok(data.clone());
             }
         }
+        // Read and inflate with no lock held.
         let mut input = vec![0u8; size as usize];
         self.file.read_exact_at(&mut input, off)?;
         let mut out = vec![0u8; self.cs as usize];
@@ -277,7 +280,7 @@ impl QcowMap {
         if z.total_out() != self.cs {
             return Err(bad());
         }
-        *zc = Some((key, out.clone()));
+        *self.zcache.lock() = Some((key, out.clone()));
         Ok(out)
     }
 
@@ -292,15 +295,21 @@ impl QcowMap {
         let zeroed = vec![0u8; self.hdr.l2_bytes() as usize].into_boxed_slice();
         self.l2.insert_new(&self.io, l2, zeroed)?;
         let idx = self.l1_index(off);
-        self.l1.write().unwrap_or_else(|p| p.into_inner())[idx] = l2;
-        let mut d = self.l1_dirty.lock().unwrap_or_else(|p| p.into_inner());
+        self.l1.write()[idx] = l2;
+        let mut d = self.l1_dirty.lock();
         *d = Some(d.map_or((idx, idx), |(a, b)| (a.min(idx), b.max(idx))));
         Ok(l2)
     }
 
     /// Allocate clusters at the end of the file for `[off, off+len)`, filling what the guest
     /// write does not cover (from below, or from the old compressed cluster).
-    fn allocate(&self, off: u64, len: u64, below: &dyn Below) -> Result<Extent> {
+    fn allocate(
+        &self,
+        off: u64,
+        len: u64,
+        below: &dyn Below,
+        pre: Option<&Prefetched>,
+    ) -> Result<Extent> {
         let mut file_end = self.lock_alloc();
         let l2 = self.l2_table_for_write(&mut file_end, off)?;
         let (first, run) = self.run_in(l2, off, len)?;
@@ -323,12 +332,13 @@ impl QcowMap {
                 let n = (self.in_cluster(off) + run).div_ceil(cs);
                 let run_end = cstart + n * cs;
                 let data_end = (off + len).min(run_end);
-                self.fill(host, cstart, off - cstart, below)?;
+                self.fill(host, cstart, off - cstart, below, pre)?;
                 self.fill(
                     host + (data_end - cstart),
                     data_end,
                     run_end - data_end,
                     below,
+                    pre,
                 )?;
                 n
             }
@@ -353,16 +363,15 @@ impl QcowMap {
         })
     }
 
-    fn fill(&self, host: u64, guest: u64, len: u64, below: &dyn Below) -> Result<()> {
-        let fill = Fill::Below {
-            below,
-            guest,
-            inside: self
-                .size
-                .load(Ordering::Acquire)
-                .saturating_sub(guest)
-                .min(len) as usize,
-        };
+    fn fill(
+        &self,
+        host: u64,
+        guest: u64,
+        len: u64,
+        below: &dyn Below,
+        pre: Option<&Prefetched>,
+    ) -> Result<()> {
+        let fill = Prefetched::fill(pre, below, guest, len, self.size.load(Ordering::Acquire));
         write_fill(
             &self.file,
             host,
@@ -379,11 +388,7 @@ impl QcowMap {
             self.l2.flush(&self.io)?;
             self.file.sync()?;
         }
-        let dirty = self
-            .l1_dirty
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        let dirty = self.l1_dirty.lock().take();
         if let Some((a, b)) = dirty {
             let bytes: Vec<u8> = self.read_l1()[a..=b]
                 .iter()
@@ -395,7 +400,7 @@ impl QcowMap {
                 .write_all_at(&bytes, at)
                 .and_then(|_| self.file.sync())
             {
-                *self.l1_dirty.lock().unwrap_or_else(|p| p.into_inner()) = Some((a, b));
+                *self.l1_dirty.lock() = Some((a, b));
                 return Err(e);
             }
         }
@@ -450,13 +455,22 @@ impl BlockMap for QcowMap {
         if self.read_only {
             return Err(Error::read_only("qcow image is open read-only"));
         }
-        if let (Entry::Data(h), run) = self.run_at(off, len)? {
-            return Ok(Extent::Data {
-                host: h + self.in_cluster(off),
-                len: run,
-            });
-        }
-        self.allocate(off, len, below)
+        let pre = match self.run_at(off, len)? {
+            (Entry::Data(h), run) => {
+                return Ok(Extent::Data {
+                    host: h + self.in_cluster(off),
+                    len: run,
+                })
+            }
+            // Copy-on-write source read before the allocation lock.
+            (Entry::Unalloc, _) => {
+                let cstart = off - self.in_cluster(off);
+                let size = self.hdr.virtual_size();
+                Prefetched::read(below, cstart, self.cs, (off, len), size)?
+            }
+            _ => None,
+        };
+        self.allocate(off, len, below, pre.as_ref())
     }
 
     fn write_zeroes(&self, off: u64, len: u64, unmap: bool, _below: &dyn Below) -> Result<bool> {

@@ -68,10 +68,7 @@ impl QcowMap {
         self.file
             .write_all_at(&b[OFF_SIZE as usize..HEADER_LEN], OFF_SIZE)?;
         self.file.sync()?;
-        self.l1
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .resize(need.max(old_entries) as usize, 0);
+        self.l1.write().resize(need.max(old_entries) as usize, 0);
         self.l1_offset.store(l1_off, Ordering::Release);
         self.size.store(new_size, Ordering::Release);
         Ok(())

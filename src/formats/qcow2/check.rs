@@ -4,7 +4,7 @@
 
 use super::compressed::CompressedRef;
 use super::header::{BitmapsExt, Header, INCOMPAT_DIRTY, OFF_INCOMPAT};
-use super::map::{self, Meta, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
+use super::map::{self, Alloc, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
 use super::refcount::Refcounts;
 use super::{read_header, snapshot, Qcow2Map};
 use crate::error::{Error, Result};
@@ -275,6 +275,10 @@ fn fix(rc: &mut Refcounts, w: &Walk, mism: &[(u64, u64, u64)], leaks_only: bool)
     // New refcount blocks must land past everything that is referenced.
     let top = w.counts.len() as u64;
     rc.next_free = rc.next_free.max(top);
+    rc.frontier.fetch_max(
+        rc.next_free << rc.cluster_bits(),
+        std::sync::atomic::Ordering::SeqCst,
+    );
     let mut fixed = 0;
     for &(c, stored, want) in mism {
         if leaks_only && want > stored {
@@ -288,12 +292,12 @@ fn fix(rc: &mut Refcounts, w: &Walk, mism: &[(u64, u64, u64)], leaks_only: bool)
 }
 
 /// Rebuild the refcounts of an open image (dirty at open), before anything else is written.
-pub fn rebuild(map: &Qcow2Map, m: &mut Meta) -> Result<()> {
+pub fn rebuild(map: &Qcow2Map, a: &mut Alloc) -> Result<()> {
     let file = &map.m.file;
     let rc =
-        m.rc.as_mut()
+        a.rc.as_mut()
             .ok_or_else(|| Error::read_only("no refcounts in a snapshot view"))?;
-    let w = walk(file, &map.hdr, &m.l1, rc)?;
+    let w = walk(file, &map.hdr, &map.m.l1.read().entries, rc)?;
     let mism = mismatches(&w, rc)?;
     if !mism.is_empty() {
         log::info!(

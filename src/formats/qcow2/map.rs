@@ -15,8 +15,10 @@ use crate::cache::{TableCache, TableIo};
 use crate::error::{Error, Result};
 use crate::formats::be64;
 use crate::host::HostFile;
+use parking_lot::{Mutex, MutexGuard, RwLock};
 use std::cell::{Cell, RefCell};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::Arc;
 
 pub const L1E_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 pub const L2E_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
@@ -81,13 +83,27 @@ pub enum Piece {
     Compressed(u64),
 }
 
-/// Mutable metadata, under one lock held only while computing extents or allocating.
-pub struct Meta {
-    pub l1: Vec<u64>,
-    pub l1_offset: u64,
+/// The L1 table in memory. Readers copy one entry under a short shared lock.
+pub struct L1 {
+    pub entries: Vec<u64>,
+    pub offset: u64,
     /// Range of L1 entries changed since the last write-back.
-    pub l1_dirty: Option<(usize, usize)>,
-    pub l2: TableCache,
+    pub dirty: Option<(usize, usize)>,
+}
+
+impl L1 {
+    pub fn set(&mut self, idx: usize, v: u64) {
+        self.entries[idx] = v;
+        self.dirty = Some(match self.dirty {
+            None => (idx, idx + 1),
+            Some((a, b)) => (a.min(idx), b.max(idx + 1)),
+        });
+    }
+}
+
+/// Allocation state: the exclusive lock that writers which allocate (and flush) take. Readers
+/// never take it.
+pub struct Alloc {
     pub rc: Option<Refcounts>,
     pub incompat: u64,
     pub autoclear: u64,
@@ -97,6 +113,7 @@ pub struct Meta {
 }
 
 /// Loads and stores L2 tables. Before a table is written: data durable, refcounts durable.
+/// Readers use one without refcounts: the cache never stores on a reader's behalf.
 pub struct L2Io<'a> {
     pub file: &'a HostFile,
     pub data: &'a HostFile,
@@ -111,50 +128,22 @@ impl TableIo for L2Io<'_> {
     }
     fn store(&self, off: u64, buf: &[u8]) -> Result<()> {
         if !self.deps_done.get() {
-            if let Some(rc) = &self.rc {
-                // Every cluster this table may point at lies inside the file before it is written.
-                let end = rc.borrow().next_free << rc.borrow().cluster_bits();
-                if self.file.len()? < end {
-                    self.file.set_len(end)?;
-                }
+            let Some(rc) = &self.rc else {
+                return Err(Error::corrupt("qcow2 L2 table stored without its refcounts").at(off));
+            };
+            // Every cluster this table may point at lies inside the file before it is written.
+            let end = rc.borrow().next_free << rc.borrow().cluster_bits();
+            if self.file.len()? < end {
+                self.file.set_len(end)?;
             }
             if self.external {
                 self.data.sync()?;
             }
             self.file.sync()?;
-            if let Some(rc) = &self.rc {
-                rc.borrow_mut().flush_durable()?;
-            }
+            rc.borrow_mut().flush_durable()?;
             self.deps_done.set(true);
         }
         self.file.write_all_at(buf, off)
-    }
-}
-
-impl Meta {
-    pub fn set_l1(&mut self, idx: usize, v: u64) {
-        self.l1[idx] = v;
-        self.l1_dirty = Some(match self.l1_dirty {
-            None => (idx, idx + 1),
-            Some((a, b)) => (a.min(idx), b.max(idx + 1)),
-        });
-    }
-
-    /// The L2 cache and an io object borrowing the refcounts (disjoint borrows of `self`).
-    pub fn split<'a>(
-        &'a mut self,
-        file: &'a HostFile,
-        data: &'a HostFile,
-        external: bool,
-    ) -> (&'a TableCache, L2Io<'a>) {
-        let io = L2Io {
-            file,
-            data,
-            external,
-            rc: self.rc.as_mut().map(RefCell::new),
-            deps_done: Cell::new(false),
-        };
-        (&self.l2, io)
     }
 }
 
@@ -186,52 +175,106 @@ pub fn sc_state(bitmap: u64, sc: u64) -> u8 {
 }
 
 /// The read side shared by the active image and snapshot views.
+///
+/// Locks: `l1` (shared for a lookup, exclusive for a moment to change an entry), the L2
+/// `TableCache` (its own short lock; loads and write-backs run outside it), and `alloc` (writers
+/// that allocate, and flush). A lookup takes `l1` and the cache, never `alloc`, and waits on
+/// no I/O except loading a missing table with no lock held.
 pub struct Mapper {
     pub file: HostFile,
     pub data: HostFile,
     pub geo: Geo,
-    pub meta: Mutex<Meta>,
+    pub l1: RwLock<L1>,
+    pub l2: TableCache,
+    pub alloc: Mutex<Alloc>,
+    /// `Alloc::prepared`, readable without the lock (in-place writes need no allocation).
+    pub prepared: AtomicBool,
+    /// End of the clusters handed out so far (the file may be shorter until the next flush).
+    pub frontier: Arc<AtomicU64>,
     /// Last decompressed cluster, keyed by its L2 entry.
-    zcache: Mutex<Option<(u64, Vec<u8>)>>,
+    zcache: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
 }
 
 impl Mapper {
-    pub fn new(file: HostFile, data: HostFile, geo: Geo, meta: Meta) -> Mapper {
+    pub fn new(
+        file: HostFile,
+        data: HostFile,
+        geo: Geo,
+        l1: L1,
+        l2: TableCache,
+        alloc: Alloc,
+    ) -> Mapper {
+        let frontier = match &alloc.rc {
+            Some(rc) => rc.frontier.clone(),
+            None => Arc::new(AtomicU64::new(0)),
+        };
         Mapper {
             file,
             data,
             geo,
-            meta: Mutex::new(meta),
+            l1: RwLock::new(l1),
+            l2,
+            prepared: AtomicBool::new(alloc.prepared),
+            alloc: Mutex::new(alloc),
+            frontier,
             zcache: Mutex::new(None),
         }
     }
 
-    pub fn lock(&self) -> MutexGuard<'_, Meta> {
-        self.meta.lock().unwrap_or_else(|p| p.into_inner())
+    pub fn lock_alloc(&self) -> MutexGuard<'_, Alloc> {
+        self.alloc.lock()
     }
 
-    pub fn l2_entry(&self, m: &mut Meta, l2_off: u64, idx: u64) -> Result<(u64, u64)> {
-        let ext = self.geo.ext_l2;
-        let (cache, io) = m.split(&self.file, &self.data, self.geo.external);
-        cache.with(&io, l2_off, |t| entry_at(t, idx, ext))
+    /// The io a lookup passes to the cache (loads only).
+    pub fn read_io(&self) -> L2Io<'_> {
+        L2Io {
+            file: &self.file,
+            data: &self.data,
+            external: self.geo.external,
+            rc: None,
+            deps_done: Cell::new(false),
+        }
     }
 
-    pub fn set_l2_entry(&self, m: &mut Meta, l2_off: u64, idx: u64, e: u64, b: u64) -> Result<()> {
+    /// The io a writer passes to the cache: it can write tables back, refcounts first.
+    pub fn write_io<'a>(&'a self, a: &'a mut Alloc) -> L2Io<'a> {
+        L2Io {
+            file: &self.file,
+            data: &self.data,
+            external: self.geo.external,
+            rc: a.rc.as_mut().map(RefCell::new),
+            deps_done: Cell::new(false),
+        }
+    }
+
+    pub fn l2_entry(&self, io: &L2Io, l2_off: u64, idx: u64) -> Result<(u64, u64)> {
         let ext = self.geo.ext_l2;
-        let (cache, io) = m.split(&self.file, &self.data, self.geo.external);
-        cache.with_mut(&io, l2_off, |t| set_entry_at(t, idx, ext, e, b))
+        self.l2.with(io, l2_off, |t| entry_at(t, idx, ext))
+    }
+
+    pub fn set_l2_entry(&self, io: &L2Io, l2_off: u64, idx: u64, e: u64, b: u64) -> Result<()> {
+        let ext = self.geo.ext_l2;
+        self.l2
+            .with_mut(io, l2_off, |t| set_entry_at(t, idx, ext, e, b))
+    }
+
+    /// The raw L1 entry for `l1_index` (0 past the table).
+    pub fn l1_entry(&self, l1_index: u64) -> u64 {
+        self.l1
+            .read()
+            .entries
+            .get(l1_index as usize)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// The L2 table offset for `l1_index` (0 when unallocated), validated.
-    pub fn l2_offset(&self, m: &Meta, l1_index: u64) -> Result<u64> {
-        let Some(&e) = m.l1.get(l1_index as usize) else {
-            return Ok(0);
-        };
-        let off = e & L1E_OFFSET_MASK;
+    pub fn l2_offset(&self, l1_index: u64) -> Result<u64> {
+        let off = self.l1_entry(l1_index) & L1E_OFFSET_MASK;
         if !off.is_multiple_of(self.geo.cs) {
+            let at = self.l1.read().offset + l1_index * 8;
             return Err(
-                Error::corrupt(format!("L2 table offset {off:#x} is not cluster aligned"))
-                    .at(m.l1_offset + l1_index * 8),
+                Error::corrupt(format!("L2 table offset {off:#x} is not cluster aligned")).at(at),
             );
         }
         Ok(off)
@@ -239,17 +282,17 @@ impl Mapper {
 
     /// What the guest bytes at `off` are, and how many bytes of the same kind follow in this
     /// cluster (or L2 range when the whole table is missing).
-    pub fn piece(&self, m: &mut Meta, off: u64) -> Result<(Piece, u64)> {
+    pub fn piece(&self, io: &L2Io, off: u64) -> Result<(Piece, u64)> {
         let g = &self.geo;
         let cluster = off >> g.cluster_bits;
         let in_c = off & (g.cs - 1);
         let l1_index = cluster / g.l2_entries;
         let l2_index = cluster % g.l2_entries;
-        let l2_off = self.l2_offset(m, l1_index)?;
+        let l2_off = self.l2_offset(l1_index)?;
         if l2_off == 0 {
             return Ok((Piece::Backing, (g.l2_entries - l2_index) * g.cs - in_c));
         }
-        let (e, b) = self.l2_entry(m, l2_off, l2_index)?;
+        let (e, b) = self.l2_entry(io, l2_off, l2_index)?;
         let at = l2_off + l2_index * g.entry_bytes() as u64;
         self.classify(e, b, in_c).map_err(|err| err.at(at))
     }
@@ -312,13 +355,13 @@ impl Mapper {
 
     /// Coalesce pieces starting at `off` into one run of at most `len` bytes.
     pub fn run(&self, off: u64, len: u64) -> Result<(Piece, u64)> {
-        let mut m = self.lock();
-        let (p, n) = self.piece(&mut m, off)?;
+        let io = self.read_io();
+        let (p, n) = self.piece(&io, off)?;
         let mut n = n.min(len);
-        // Bound the work done under the lock.
+        // Bound the work of one lookup.
         let limit = len.min(64 * self.geo.cs.max(1 << 20));
         while n < limit {
-            let (q, k) = self.piece(&mut m, off + n)?;
+            let (q, k) = self.piece(&io, off + n)?;
             let joins = match (p, q) {
                 (Piece::Data(h), Piece::Data(h2)) => h2 == h + n,
                 (Piece::Compressed(_), Piece::Compressed(_)) => true,
@@ -340,22 +383,28 @@ impl Mapper {
             let pos = off + done as u64;
             let in_c = (pos & (cs - 1)) as usize;
             let n = (cs as usize - in_c).min(buf.len() - done);
-            let (p, _) = {
-                let mut m = self.lock();
-                self.piece(&mut m, pos)?
-            };
+            let (p, _) = self.piece(&self.read_io(), pos)?;
             let Piece::Compressed(e) = p else {
                 return Err(Error::corrupt("cluster changed while being read").at(pos));
             };
-            let mut z = self.zcache.lock().unwrap_or_else(|p| p.into_inner());
-            if z.as_ref().map(|(k, _)| *k) != Some(e) {
-                let mut out = vec![0u8; cs as usize];
-                self.decompress(e, &mut out)?;
-                *z = Some((e, out));
-            }
-            if let Some((_, data)) = z.as_ref() {
-                buf[done..done + n].copy_from_slice(&data[in_c..in_c + n]);
-            }
+            let cached = self
+                .zcache
+                .lock()
+                .as_ref()
+                .filter(|(k, _)| *k == e)
+                .map(|(_, d)| d.clone());
+            let data = match cached {
+                Some(d) => d,
+                None => {
+                    // Read and inflate with no lock held.
+                    let mut out = vec![0u8; cs as usize];
+                    self.decompress(e, &mut out)?;
+                    let out = Arc::new(out);
+                    *self.zcache.lock() = Some((e, out.clone()));
+                    out
+                }
+            };
+            buf[done..done + n].copy_from_slice(&data[in_c..in_c + n]);
             done += n;
         }
         Ok(())
@@ -367,7 +416,7 @@ impl Mapper {
     }
 
     pub fn forget_compressed(&self) {
-        *self.zcache.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        *self.zcache.lock() = None;
     }
 }
 

@@ -36,7 +36,7 @@ use crate::image::{
     OpenCtx, Repair, SnapshotInfo,
 };
 use header::Header;
-use map::{Geo, Mapper, Meta, Piece};
+use map::{Alloc, Geo, Mapper, Piece, L1};
 use refcount::Refcounts;
 use serde_json::json;
 use snapshot::Snapshot;
@@ -121,11 +121,13 @@ impl Qcow2Map {
             (ctx.cache_size / 4).max(2 * hdr.cluster_size()),
         )?;
         let (snapshots, _) = snapshot::read_table(&file, &hdr)?;
-        let meta = Meta {
-            l1,
-            l1_offset: hdr.l1_table_offset,
-            l1_dirty: None,
-            l2: crate::cache::TableCache::new(hdr.cluster_size() as usize, ctx.cache_size / 4 * 3),
+        let l1 = L1 {
+            entries: l1,
+            offset: hdr.l1_table_offset,
+            dirty: None,
+        };
+        let l2 = crate::cache::TableCache::new(hdr.cluster_size() as usize, ctx.cache_size / 4 * 3);
+        let alloc = Alloc {
             rc: Some(rc),
             incompat: hdr.incompatible,
             autoclear: hdr.autoclear,
@@ -134,7 +136,7 @@ impl Qcow2Map {
         };
         let data = data_file.clone().unwrap_or_else(|| file.clone());
         let map = Qcow2Map {
-            m: Mapper::new(file, data, geo, meta),
+            m: Mapper::new(file, data, geo, l1, l2, alloc),
             size: AtomicU64::new(hdr.size),
             read_only: ctx.read_only,
             snapshots,
@@ -145,16 +147,19 @@ impl Qcow2Map {
         };
         if map.hdr.is_dirty() && !ctx.read_only {
             // Lazy refcounts left the image dirty: rebuild refcounts before anything is written.
-            let mut m = map.m.lock();
-            check::rebuild(&map, &mut m)?;
-            write::set_incompat(&map, &mut m, false)?;
+            let mut a = map.m.lock_alloc();
+            check::rebuild(&map, &mut a)?;
+            write::set_incompat(&map, &mut a, false)?;
         }
         Ok(map)
     }
 
     fn details(&self) -> serde_json::Map<String, serde_json::Value> {
         let h = &self.hdr;
-        let m = self.m.lock();
+        let (incompat, bitmaps) = {
+            let a = self.m.lock_alloc();
+            (a.incompat, a.bitmaps)
+        };
         let mut d = serde_json::Map::new();
         d.insert("version".into(), json!(h.version));
         d.insert(
@@ -166,7 +171,7 @@ impl Qcow2Map {
         d.insert("lazy_refcounts".into(), json!(h.lazy_refcounts()));
         d.insert(
             "dirty".into(),
-            json!(m.incompat & header::INCOMPAT_DIRTY != 0),
+            json!(incompat & header::INCOMPAT_DIRTY != 0),
         );
         d.insert("corrupt".into(), json!(h.is_corrupt()));
         d.insert("extended_l2".into(), json!(h.extended_l2()));
@@ -178,7 +183,7 @@ impl Qcow2Map {
             }),
         );
         d.insert("snapshots".into(), json!(self.snapshots.len()));
-        d.insert("l1_size".into(), json!(m.l1.len()));
+        d.insert("l1_size".into(), json!(self.m.l1.read().entries.len()));
         if let Some(f) = &h.data_file {
             d.insert("data_file".into(), json!(f));
             d.insert(
@@ -186,7 +191,7 @@ impl Qcow2Map {
                 json!(h.autoclear & header::AUTOCLEAR_DATA_FILE_RAW != 0),
             );
         }
-        if let (Some(b), true) = (&h.bitmaps, m.bitmaps) {
+        if let (Some(b), true) = (&h.bitmaps, bitmaps) {
             d.insert("bitmaps".into(), json!(b.nb_bitmaps));
         }
         if let Some(v) = &self.snapshot_view {
@@ -237,21 +242,21 @@ impl BlockMap for Qcow2Map {
         if self.read_only {
             return Ok(());
         }
-        let mut m = self.m.lock();
-        write::flush(self, &mut m)
+        write::flush(self, &mut self.m.lock_alloc())
     }
 
     fn close(&self) -> Result<()> {
         if self.read_only {
             return Ok(());
         }
-        let mut m = self.m.lock();
-        write::flush(self, &mut m)?;
-        if m.incompat & header::INCOMPAT_DIRTY != 0 {
-            write::set_incompat(self, &mut m, false)?;
+        let mut a = self.m.lock_alloc();
+        write::flush(self, &mut a)?;
+        if a.incompat & header::INCOMPAT_DIRTY != 0 {
+            write::set_incompat(self, &mut a, false)?;
         }
         // A later write marks the image dirty again (lazy refcounts).
-        m.prepared = false;
+        a.prepared = false;
+        self.m.prepared.store(false, Ordering::SeqCst);
         Ok(())
     }
 
@@ -267,19 +272,18 @@ impl BlockMap for Qcow2Map {
         if self.data_file.is_some() {
             return None;
         }
-        let m = self.m.lock();
-        match &m.rc {
-            // Writable: clusters up to the allocation frontier may still be past EOF.
-            Some(rc) => Some(rc.next_free << rc.cluster_bits()),
-            None => self.m.file.len().ok(),
+        if self.read_only {
+            return self.m.file.len().ok();
         }
+        // Writable: clusters up to the allocation frontier may still be past EOF.
+        Some(self.m.frontier.load(Ordering::SeqCst))
     }
 
     fn stats(&self) -> FormatStats {
-        let m = self.m.lock();
+        let allocated = self.m.lock_alloc().rc.as_ref().map_or(0, |r| r.allocated);
         FormatStats {
-            cache: m.l2.stats(),
-            clusters_allocated: m.rc.as_ref().map_or(0, |r| r.allocated),
+            cache: self.m.l2.stats(),
+            clusters_allocated: allocated,
             ..FormatStats::default()
         }
     }
@@ -297,14 +301,16 @@ impl BlockMap for Qcow2Map {
         })?;
         let file = self.m.file.clone();
         let l1 = map::read_l1(&file, s.l1_table_offset, s.l1_size, self.hdr.cluster_size())?;
-        let meta = Meta {
-            l1,
-            l1_offset: s.l1_table_offset,
-            l1_dirty: None,
-            l2: crate::cache::TableCache::new(
-                self.hdr.cluster_size() as usize,
-                (self.cache_size / 4).max(2 * self.hdr.cluster_size()),
-            ),
+        let l1 = L1 {
+            entries: l1,
+            offset: s.l1_table_offset,
+            dirty: None,
+        };
+        let l2 = crate::cache::TableCache::new(
+            self.hdr.cluster_size() as usize,
+            (self.cache_size / 4).max(2 * self.hdr.cluster_size()),
+        );
+        let alloc = Alloc {
             rc: None,
             incompat: self.hdr.incompatible,
             autoclear: self.hdr.autoclear,
@@ -312,7 +318,7 @@ impl BlockMap for Qcow2Map {
             bitmaps: false,
         };
         Ok(Box::new(Qcow2Map {
-            m: Mapper::new(file, self.m.data.clone(), self.m.geo.clone(), meta),
+            m: Mapper::new(file, self.m.data.clone(), self.m.geo.clone(), l1, l2, alloc),
             hdr: self.hdr.clone(),
             size: AtomicU64::new(s.disk_size),
             read_only: true,

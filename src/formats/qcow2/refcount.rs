@@ -18,6 +18,8 @@ use crate::cache::{TableCache, TableIo};
 use crate::error::{Error, Result};
 use crate::formats::be64;
 use crate::host::HostFile;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 pub const RT_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
 
@@ -46,6 +48,8 @@ pub struct Refcounts {
     blocks: TableCache,
     /// First cluster index that allocation may hand out (past the end of the file at open).
     pub next_free: u64,
+    /// `next_free` in bytes, for lock-free readers (`BlockMap::data_end`).
+    pub frontier: Arc<AtomicU64>,
     /// Decrements waiting for the tables that dropped the reference to become durable.
     pending_free: Vec<(u64, u64)>,
     pub allocated: u64,
@@ -130,6 +134,7 @@ impl Refcounts {
             table_moved: false,
             blocks: TableCache::new(cs as usize, cache_budget),
             next_free: file_len.div_ceil(cs),
+            frontier: Arc::new(AtomicU64::new(file_len.div_ceil(cs) * cs)),
             pending_free: Vec::new(),
             allocated: 0,
         })
@@ -224,6 +229,8 @@ impl Refcounts {
             ));
         }
         self.next_free = start + n;
+        self.frontier
+            .fetch_max(self.next_free << self.cluster_bits, Ordering::SeqCst);
         Ok(start)
     }
 

@@ -14,7 +14,7 @@
 //! after it, the grown image (plus, until the next flush, the old L1 as a leak).
 
 use super::header::{Header, MAX_L1_BYTES};
-use super::map::Meta;
+use super::map::Alloc;
 use super::{write, Qcow2Map};
 use crate::error::{Error, Result};
 use std::sync::atomic::Ordering;
@@ -49,34 +49,35 @@ pub fn resize(map: &Qcow2Map, new_size: u64) -> Result<()> {
             ),
         ));
     }
-    let mut mg = map.m.lock();
-    let m = &mut *mg;
-    write::prepare(map, m)?;
+    let mut ag = map.m.lock_alloc();
+    let a = &mut *ag;
+    write::prepare(map, a)?;
     if g.data_raw && map.m.data.len()? < new_size {
         // The raw data file is the disk: it grows with it (as QEMU grows it).
         map.m.data.set_len(new_size)?;
         map.m.data.sync()?;
     }
-    if need > m.l1.len() as u64 {
-        grow_l1(map, m, new_size, need)?;
+    if need > map.m.l1.read().entries.len() as u64 {
+        grow_l1(map, a, new_size, need)?;
     } else {
         write_geometry(map, new_size, None)?;
     }
     map.size.store(new_size, Ordering::Release);
     // Apply the deferred free of the old L1 now rather than at the next fsync.
-    write::flush(map, m)
+    write::flush(map, a)
 }
 
 /// Move the active L1 table to new clusters of `need` entries and point the header at it.
-fn grow_l1(map: &Qcow2Map, m: &mut Meta, new_size: u64, need: u64) -> Result<()> {
+/// L1 entries change only under the allocation lock (`a`), which the caller holds throughout.
+fn grow_l1(map: &Qcow2Map, a: &mut Alloc, new_size: u64, need: u64) -> Result<()> {
     let cs = map.m.geo.cs;
-    write::flush(map, m)?;
+    write::flush(map, a)?;
     let clusters = (need * 8).div_ceil(cs);
     let rc =
-        m.rc.as_mut()
+        a.rc.as_mut()
             .ok_or_else(|| Error::read_only("qcow2 image is open read-only"))?;
     let new_off = rc.alloc(clusters)?;
-    let mut l1 = m.l1.clone();
+    let mut l1 = map.m.l1.read().entries.clone();
     l1.resize(need as usize, 0);
     let mut raw = vec![0u8; (clusters * cs) as usize];
     for (i, e) in l1.iter().enumerate() {
@@ -84,13 +85,17 @@ fn grow_l1(map: &Qcow2Map, m: &mut Meta, new_size: u64, need: u64) -> Result<()>
     }
     map.m.file.write_all_at(&raw, new_off)?;
     // Extends the file over the new clusters, syncs them, makes their refcounts durable.
-    write::flush(map, m)?;
+    write::flush(map, a)?;
     write_geometry(map, new_size, Some((need as u32, new_off)))?;
-    let (old_off, old_bytes) = (m.l1_offset, m.l1.len() as u64 * 8);
-    m.l1 = l1;
-    m.l1_offset = new_off;
+    let (old_off, old_bytes) = {
+        let mut cur = map.m.l1.write();
+        let old = (cur.offset, cur.entries.len() as u64 * 8);
+        cur.entries = l1;
+        cur.offset = new_off;
+        old
+    };
     if old_bytes > 0 {
-        if let Some(rc) = m.rc.as_mut() {
+        if let Some(rc) = a.rc.as_mut() {
             rc.defer_free(old_off, old_bytes);
         }
     }

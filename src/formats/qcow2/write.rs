@@ -13,7 +13,7 @@ use super::compressed::CompressedRef;
 use super::header::{
     AUTOCLEAR_DATA_FILE_RAW, EXT_BITMAPS, INCOMPAT_DIRTY, OFF_AUTOCLEAR, OFF_INCOMPAT,
 };
-use super::map::Meta;
+use super::map::Alloc;
 use super::map::{
     sc_state, ALL_ZERO_BITS, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO,
 };
@@ -21,6 +21,7 @@ use super::Qcow2Map;
 use crate::error::{Error, Result};
 use crate::format::{write_fill, Fill};
 use crate::image::{Below, Extent};
+use std::sync::atomic::Ordering;
 
 enum Src<'a> {
     Below,
@@ -28,48 +29,48 @@ enum Src<'a> {
     Bytes(&'a [u8]),
 }
 
-fn refcounts(m: &mut Meta) -> Result<&mut super::refcount::Refcounts> {
-    m.rc.as_mut()
+fn refcounts(a: &mut Alloc) -> Result<&mut super::refcount::Refcounts> {
+    a.rc.as_mut()
         .ok_or_else(|| Error::read_only("snapshot views are read-only"))
 }
 
 /// Set or clear the dirty bit in the header, durably.
-pub fn set_incompat(map: &Qcow2Map, m: &mut Meta, dirty: bool) -> Result<()> {
+pub fn set_incompat(map: &Qcow2Map, a: &mut Alloc, dirty: bool) -> Result<()> {
     let v = if dirty {
-        m.incompat | INCOMPAT_DIRTY
+        a.incompat | INCOMPAT_DIRTY
     } else {
-        m.incompat & !INCOMPAT_DIRTY
+        a.incompat & !INCOMPAT_DIRTY
     };
     let file = &map.m.file;
     file.write_all_at(&v.to_be_bytes(), OFF_INCOMPAT)?;
     file.sync()?;
-    m.incompat = v;
+    a.incompat = v;
     Ok(())
 }
 
 /// First-write header updates: clear autoclear bits we do not maintain, mark dirty for lazy
 /// refcounts (QEMU's rule), each durable before any other metadata is written.
-pub(super) fn prepare(map: &Qcow2Map, m: &mut Meta) -> Result<()> {
+pub(super) fn prepare(map: &Qcow2Map, a: &mut Alloc) -> Result<()> {
     if map.read_only {
         return Err(Error::read_only("image is open read-only"));
     }
-    if m.prepared {
+    if a.prepared {
         return Ok(());
     }
     let file = &map.m.file;
-    if m.autoclear != 0 {
+    if a.autoclear != 0 {
         let keep = if map.m.geo.external {
-            m.autoclear & AUTOCLEAR_DATA_FILE_RAW
+            a.autoclear & AUTOCLEAR_DATA_FILE_RAW
         } else {
             0
         };
-        if keep != m.autoclear {
+        if keep != a.autoclear {
             file.write_all_at(&keep.to_be_bytes(), OFF_AUTOCLEAR)?;
             file.sync()?;
-            m.autoclear = keep;
+            a.autoclear = keep;
         }
     }
-    if m.bitmaps {
+    if a.bitmaps {
         // The bitmaps are stale from now on (autoclear bit cleared): drop the extension and
         // free their clusters, rather than leave them behind as leaks.
         if let Some(b) = &map.hdr.bitmaps {
@@ -83,40 +84,43 @@ pub(super) fn prepare(map: &Qcow2Map, m: &mut Meta) -> Result<()> {
                 b.nb_bitmaps
             );
             if errors.is_empty() {
-                let rc = refcounts(m)?;
+                let rc = refcounts(a)?;
                 for (off, len) in ranges {
                     rc.defer_free(off, len);
                 }
             }
         }
-        m.bitmaps = false;
+        a.bitmaps = false;
     }
-    if map.m.geo.version >= 3 && map.hdr.lazy_refcounts() && m.incompat & INCOMPAT_DIRTY == 0 {
-        set_incompat(map, m, true)?;
+    if map.m.geo.version >= 3 && map.hdr.lazy_refcounts() && a.incompat & INCOMPAT_DIRTY == 0 {
+        set_incompat(map, a, true)?;
     }
-    m.prepared = true;
+    a.prepared = true;
+    map.m.prepared.store(true, Ordering::SeqCst);
     Ok(())
 }
 
 /// The L2 table for `l1_index`, allocated or copied so that it may be modified in place.
-fn l2_for_write(map: &Qcow2Map, m: &mut Meta, l1_index: u64) -> Result<u64> {
+fn l2_for_write(map: &Qcow2Map, a: &mut Alloc, l1_index: u64) -> Result<u64> {
     let g = &map.m.geo;
-    let e = *m
+    let e = *map
+        .m
         .l1
+        .read()
+        .entries
         .get(l1_index as usize)
         .ok_or_else(|| Error::invalid("write past the L1 table"))?;
-    let off = map.m.l2_offset(m, l1_index)?;
+    let off = map.m.l2_offset(l1_index)?;
     if off != 0 && e & OFLAG_COPIED != 0 {
         return Ok(off);
     }
     let table: Box<[u8]> = if off != 0 {
-        if refcounts(m)?.get(off >> g.cluster_bits)? == 1 {
-            m.set_l1(l1_index as usize, off | OFLAG_COPIED);
+        if refcounts(a)?.get(off >> g.cluster_bits)? == 1 {
+            map.m.l1.write().set(l1_index as usize, off | OFLAG_COPIED);
             return Ok(off);
         }
         // Shared with a snapshot: copy the table; its entries are shared too.
-        let (cache, io) = m.split(&map.m.file, &map.m.data, g.external);
-        let mut t = cache.with(&io, off, |t| t.to_vec())?;
+        let mut t = map.m.l2.with(&map.m.read_io(), off, |t| t.to_vec())?;
         for e in t.chunks_exact_mut(g.entry_bytes()) {
             e[0] &= 0x7f;
         }
@@ -124,57 +128,50 @@ fn l2_for_write(map: &Qcow2Map, m: &mut Meta, l1_index: u64) -> Result<u64> {
     } else {
         vec![0u8; g.cs as usize].into_boxed_slice()
     };
-    let rc = refcounts(m)?;
+    let rc = refcounts(a)?;
     let new = rc.alloc(1)?;
     if off != 0 {
         rc.defer_free(off, g.cs);
     }
-    let (cache, io) = m.split(&map.m.file, &map.m.data, g.external);
-    cache.insert_new(&io, new, table)?;
-    m.set_l1(l1_index as usize, new | OFLAG_COPIED);
+    // The table is in the cache before the L1 entry makes it visible.
+    map.m.l2.insert_new(&map.m.write_io(a), new, table)?;
+    map.m.l1.write().set(l1_index as usize, new | OFLAG_COPIED);
     Ok(new)
 }
 
 /// May the data cluster of entry `e` be written in place?
-fn owned(map: &Qcow2Map, m: &mut Meta, e: u64) -> Result<bool> {
+fn owned(map: &Qcow2Map, a: &mut Alloc, e: u64) -> Result<bool> {
     if e & OFLAG_COPIED != 0 || map.m.geo.external {
         return Ok(true);
     }
     let host = e & L2E_OFFSET_MASK;
-    Ok(refcounts(m)?.get(host >> map.m.geo.cluster_bits)? == 1)
+    Ok(refcounts(a)?.get(host >> map.m.geo.cluster_bits)? == 1)
 }
 
-fn alloc_data(map: &Qcow2Map, m: &mut Meta, guest_cluster: u64) -> Result<u64> {
-    alloc_data_n(map, m, guest_cluster, 1)
+fn alloc_data(map: &Qcow2Map, a: &mut Alloc, guest_cluster: u64) -> Result<u64> {
+    alloc_data_n(map, a, guest_cluster, 1)
 }
 
 /// `n` contiguous data clusters for guest clusters starting at `guest_cluster`.
-fn alloc_data_n(map: &Qcow2Map, m: &mut Meta, guest_cluster: u64, n: u64) -> Result<u64> {
+fn alloc_data_n(map: &Qcow2Map, a: &mut Alloc, guest_cluster: u64, n: u64) -> Result<u64> {
     if map.m.geo.external {
         // Data file clusters are not refcounted: host offset = guest offset.
         return Ok(guest_cluster);
     }
-    refcounts(m)?.alloc(n)
+    refcounts(a)?.alloc(n)
 }
 
 /// How many clusters after the first (at `l2_index`) a write of `len` bytes starting `in_c`
 /// into it can take fresh, contiguous clusters for: the following ones it reaches that have no
 /// data at all (unallocated or zero without a host cluster), in the same L2 table.
-fn fresh_followers(
-    map: &Qcow2Map,
-    m: &mut Meta,
-    l2_off: u64,
-    l2_index: u64,
-    in_c: u64,
-    len: u64,
-) -> Result<u64> {
+fn fresh_followers(map: &Qcow2Map, l2_off: u64, l2_index: u64, in_c: u64, len: u64) -> Result<u64> {
     let g = &map.m.geo;
     let mut count = 1;
     if g.ext_l2 || in_c + len <= g.cs {
         return Ok(count);
     }
     while count < 256 && l2_index + count < g.l2_entries && count * g.cs - in_c < len {
-        let (e, _) = map.m.l2_entry(m, l2_off, l2_index + count)?;
+        let (e, _) = map.m.l2_entry(&map.m.read_io(), l2_off, l2_index + count)?;
         let has_data = e & OFLAG_COMPRESSED != 0
             || e & L2E_OFFSET_MASK != 0
             || (g.external && e & OFLAG_COPIED != 0);
@@ -221,71 +218,81 @@ fn read_cluster(map: &Qcow2Map, host: u64) -> Result<Vec<u8>> {
     Ok(buf)
 }
 
-fn free_old(map: &Qcow2Map, m: &mut Meta, e: u64) -> Result<()> {
+fn free_old(map: &Qcow2Map, a: &mut Alloc, e: u64) -> Result<()> {
     let g = &map.m.geo;
     if e & OFLAG_COMPRESSED != 0 {
         let r = CompressedRef::decode(e, g.cluster_bits);
         let (off, len) = r.refcount_range();
-        refcounts(m)?.defer_free(off, len);
+        refcounts(a)?.defer_free(off, len);
         map.m.forget_compressed();
     } else if !g.external && e & L2E_OFFSET_MASK != 0 {
-        refcounts(m)?.defer_free(e & L2E_OFFSET_MASK, g.cs);
+        refcounts(a)?.defer_free(e & L2E_OFFSET_MASK, g.cs);
     }
     Ok(())
 }
 
 pub fn map_write(map: &Qcow2Map, off: u64, len: u64, below: &dyn Below) -> Result<Extent> {
+    if map.read_only {
+        return Err(Error::read_only("image is open read-only"));
+    }
+    if let Some(ext) = write_in_place(map, off, len)? {
+        return Ok(ext);
+    }
+    let pre = cow_source(map, off, len, below)?;
     let g = &map.m.geo;
-    let mut mg = map.m.lock();
-    let m = &mut *mg;
-    prepare(map, m)?;
+    let mut ag = map.m.lock_alloc();
+    let a = &mut *ag;
+    prepare(map, a)?;
     let cluster = off >> g.cluster_bits;
     let in_c = off & (g.cs - 1);
     let n = len.min(g.cs - in_c);
     let l1_index = cluster / g.l2_entries;
     let l2_index = cluster % g.l2_entries;
-    let l2_off = l2_for_write(map, m, l1_index)?;
-    let (e, b) = map.m.l2_entry(m, l2_off, l2_index)?;
+    let l2_off = l2_for_write(map, a, l1_index)?;
+    let (e, b) = map.m.l2_entry(&map.m.read_io(), l2_off, l2_index)?;
     // Validates the entry.
     map.m.classify(e, b, in_c)?;
+    // What was read before the lock, if the entry is still the one it was read for.
+    let pre = pre.filter(|(pe, _)| *pe == e).map(|(_, bytes)| bytes);
     let guest = cluster << g.cluster_bits;
     if g.ext_l2 && e & OFLAG_COMPRESSED == 0 {
-        return write_ext(map, m, below, (l2_off, l2_index), (e, b), guest, in_c, n);
+        return write_ext(map, a, below, (l2_off, l2_index), (e, b), guest, in_c, n);
     }
     let host = e & L2E_OFFSET_MASK;
     let compressed = e & OFLAG_COMPRESSED != 0;
     let zero = !g.ext_l2 && g.version >= 3 && e & OFLAG_ZERO != 0;
     let has_host = !compressed && (host != 0 || (g.external && e & OFLAG_COPIED != 0));
     let ranges = [(0, in_c), (in_c + n, g.cs)];
-    if has_host && owned(map, m, e)? {
+    if has_host && owned(map, a, e)? {
         if zero {
             let known_zero = host >= map.m.data.len()?;
             fill(map, below, host, guest, &ranges, &Src::Zeros, known_zero)?;
         }
         let ne = host | OFLAG_COPIED;
         if ne != e {
-            map.m.set_l2_entry(m, l2_off, l2_index, ne, 0)?;
+            map.m
+                .set_l2_entry(&map.m.write_io(a), l2_off, l2_index, ne, 0)?;
         }
         let n = if zero {
             n
         } else {
-            extend_in_place(map, m, l2_off, l2_index, host, n, len)?
+            extend_in_place(map, l2_off, l2_index, host, n, len)?
         };
         return Ok(Extent::Data {
             host: host + in_c,
             len: n,
         });
     }
-    let count = fresh_followers(map, m, l2_off, l2_index, in_c, len)?;
-    let new = alloc_data_n(map, m, guest, count)?;
+    let count = fresh_followers(map, l2_off, l2_index, in_c, len)?;
+    let new = alloc_data_n(map, a, guest, count)?;
     let known_zero = new >= map.m.data.len()?;
     if count > 1 {
         return write_fresh_run(
             map,
-            m,
+            a,
             below,
             (l2_off, l2_index),
-            e,
+            (e, pre.as_deref()),
             new,
             guest,
             in_c,
@@ -295,7 +302,9 @@ pub fn map_write(map: &Qcow2Map, off: u64, len: u64, below: &dyn Below) -> Resul
         );
     }
     let old;
-    let src = if compressed {
+    let src = if let Some(bytes) = &pre {
+        Src::Bytes(bytes)
+    } else if compressed {
         let mut buf = vec![0u8; g.cs as usize];
         map.m.decompress(e, &mut buf)?;
         old = buf;
@@ -311,12 +320,100 @@ pub fn map_write(map: &Qcow2Map, off: u64, len: u64, below: &dyn Below) -> Resul
     fill(map, below, new, guest, &ranges, &src, known_zero)?;
     let nb = if g.ext_l2 { 0xffff_ffff } else { 0 };
     map.m
-        .set_l2_entry(m, l2_off, l2_index, new | OFLAG_COPIED, nb)?;
-    free_old(map, m, e)?;
+        .set_l2_entry(&map.m.write_io(a), l2_off, l2_index, new | OFLAG_COPIED, nb)?;
+    free_old(map, a, e)?;
     Ok(Extent::Data {
         host: new + in_c,
         len: n,
     })
+}
+
+/// A write into a cluster this image owns outright (COPIED, plain, every touched subcluster
+/// allocated) needs no allocation, so it takes only the lookup's short locks. None: allocate.
+fn write_in_place(map: &Qcow2Map, off: u64, len: u64) -> Result<Option<Extent>> {
+    // Before the first write's header updates (dirty bit, autoclear), everything goes through
+    // the allocation lock.
+    if !map.m.prepared.load(Ordering::SeqCst) {
+        return Ok(None);
+    }
+    let g = &map.m.geo;
+    let cluster = off >> g.cluster_bits;
+    let in_c = off & (g.cs - 1);
+    let n = len.min(g.cs - in_c);
+    let (l1_index, l2_index) = (cluster / g.l2_entries, cluster % g.l2_entries);
+    let l2_off = map.m.l2_offset(l1_index)?;
+    if l2_off == 0 {
+        return Ok(None);
+    }
+    let (e, b) = map.m.l2_entry(&map.m.read_io(), l2_off, l2_index)?;
+    map.m.classify(e, b, in_c)?;
+    let host = e & L2E_OFFSET_MASK;
+    let plain = e & OFLAG_COPIED != 0
+        && e & OFLAG_COMPRESSED == 0
+        && (host != 0 || g.external)
+        && (g.ext_l2 || g.version < 3 || e & OFLAG_ZERO == 0);
+    if !plain {
+        return Ok(None);
+    }
+    if g.ext_l2 {
+        let (s0, s1) = (in_c / g.sc_size, (in_c + n - 1) / g.sc_size);
+        let touched = ((1u64 << (s1 + 1)) - 1) & !((1u64 << s0) - 1);
+        if b & touched != touched {
+            return Ok(None);
+        }
+        return Ok(Some(Extent::Data {
+            host: host + in_c,
+            len: n,
+        }));
+    }
+    let n = extend_in_place(map, l2_off, l2_index, host, n, len)?;
+    Ok(Some(Extent::Data {
+        host: host + in_c,
+        len: n,
+    }))
+}
+
+/// The old contents a copy-on-write of the cluster at `off` will copy (backing chain,
+/// compressed or shared cluster), read before the allocation lock is taken so that other
+/// writers do not wait on this I/O. Paired with the L2 entry it was read for: used only if the
+/// entry is unchanged under the lock.
+fn cow_source(
+    map: &Qcow2Map,
+    off: u64,
+    len: u64,
+    below: &dyn Below,
+) -> Result<Option<(u64, Vec<u8>)>> {
+    let g = &map.m.geo;
+    let cluster = off >> g.cluster_bits;
+    let in_c = off & (g.cs - 1);
+    if g.ext_l2 || (in_c == 0 && len >= g.cs) {
+        return Ok(None); // per-subcluster fills, or nothing of the old cluster survives
+    }
+    let l2_off = map.m.l2_offset(cluster / g.l2_entries)?;
+    let e = if l2_off == 0 {
+        0
+    } else {
+        let (e, b) = map
+            .m
+            .l2_entry(&map.m.read_io(), l2_off, cluster % g.l2_entries)?;
+        map.m.classify(e, b, in_c)?;
+        e
+    };
+    let host = e & L2E_OFFSET_MASK;
+    let guest = cluster << g.cluster_bits;
+    let mut buf = vec![0u8; g.cs as usize];
+    if e & OFLAG_COMPRESSED != 0 {
+        map.m.decompress(e, &mut buf)?;
+    } else if e & OFLAG_COPIED != 0 || (g.version >= 3 && e & OFLAG_ZERO != 0) {
+        return Ok(None); // written in place, or filled with zeros
+    } else if host != 0 {
+        buf = read_cluster(map, host)?;
+    } else if below.zeros_below(guest, g.cs) {
+        return Ok(None);
+    } else {
+        below.read_below(guest, &mut buf)?;
+    }
+    Ok(Some((e, buf)))
 }
 
 /// A write over `count` guest clusters that got contiguous host clusters at `new`: the first
@@ -325,10 +422,10 @@ pub fn map_write(map: &Qcow2Map, off: u64, len: u64, below: &dyn Below) -> Resul
 #[allow(clippy::too_many_arguments)]
 fn write_fresh_run(
     map: &Qcow2Map,
-    m: &mut Meta,
+    a: &mut Alloc,
     below: &dyn Below,
     (l2_off, l2_index): (u64, u64),
-    first: u64,
+    (first, pre): (u64, Option<&[u8]>),
     new: u64,
     guest: u64,
     in_c: u64,
@@ -342,7 +439,9 @@ fn write_fresh_run(
     // Head of the first cluster.
     if in_c > 0 {
         let mut buf = vec![0u8; cs as usize];
-        let src = if first & OFLAG_COMPRESSED != 0 {
+        let src = if let Some(bytes) = pre {
+            Src::Bytes(bytes)
+        } else if first & OFLAG_COMPRESSED != 0 {
             map.m.decompress(first, &mut buf)?;
             Src::Bytes(&buf)
         } else if first & L2E_OFFSET_MASK != 0 || (g.external && first & OFLAG_COPIED != 0) {
@@ -360,7 +459,7 @@ fn write_fresh_run(
     let last = (end - 1) / cs;
     let tail = end - last * cs;
     if tail < cs {
-        let (e, _) = map.m.l2_entry(m, l2_off, l2_index + last)?;
+        let (e, _) = map.m.l2_entry(&map.m.read_io(), l2_off, l2_index + last)?;
         let src = if g.version >= 3 && e & OFLAG_ZERO != 0 {
             Src::Zeros
         } else {
@@ -378,10 +477,15 @@ fn write_fresh_run(
         )?;
     }
     for i in 0..count {
-        map.m
-            .set_l2_entry(m, l2_off, l2_index + i, (new + i * cs) | OFLAG_COPIED, 0)?;
+        map.m.set_l2_entry(
+            &map.m.write_io(a),
+            l2_off,
+            l2_index + i,
+            (new + i * cs) | OFLAG_COPIED,
+            0,
+        )?;
     }
-    free_old(map, m, first)?;
+    free_old(map, a, first)?;
     Ok(Extent::Data {
         host: new + in_c,
         len: run,
@@ -391,7 +495,6 @@ fn write_fresh_run(
 /// Grow an in-place run over following clusters that are owned and contiguous on the host.
 fn extend_in_place(
     map: &Qcow2Map,
-    m: &mut Meta,
     l2_off: u64,
     l2_index: u64,
     host: u64,
@@ -401,7 +504,7 @@ fn extend_in_place(
     let g = &map.m.geo;
     let mut k = 1;
     while n < len && l2_index + k < g.l2_entries {
-        let (e, b) = map.m.l2_entry(m, l2_off, l2_index + k)?;
+        let (e, b) = map.m.l2_entry(&map.m.read_io(), l2_off, l2_index + k)?;
         let plain = e & (OFLAG_COMPRESSED | OFLAG_ZERO) == 0 && e & OFLAG_COPIED != 0;
         let all_alloc = !g.ext_l2 || b & 0xffff_ffff == 0xffff_ffff;
         if !plain || !all_alloc || e & L2E_OFFSET_MASK != host + k * g.cs {
@@ -417,7 +520,7 @@ fn extend_in_place(
 #[allow(clippy::too_many_arguments)]
 fn write_ext(
     map: &Qcow2Map,
-    m: &mut Meta,
+    a: &mut Alloc,
     below: &dyn Below,
     (l2_off, l2_index): (u64, u64),
     (e, b): (u64, u64),
@@ -428,11 +531,11 @@ fn write_ext(
     let g = &map.m.geo;
     let host = e & L2E_OFFSET_MASK;
     let has_host = host != 0 || (g.external && e & OFLAG_COPIED != 0);
-    let is_owned = has_host && owned(map, m, e)?;
+    let is_owned = has_host && owned(map, a, e)?;
     let (target, copied_from) = if is_owned {
         (host, None)
     } else {
-        let new = alloc_data(map, m, guest)?;
+        let new = alloc_data(map, a, guest)?;
         (new, has_host.then_some(host))
     };
     let known_zero = copied_from.is_none() && !is_owned && target >= map.m.data.len()?;
@@ -465,10 +568,11 @@ fn write_ext(
     let nb = (b | touched) & !(touched << 32);
     let ne = target | OFLAG_COPIED;
     if (ne, nb) != (e, b) {
-        map.m.set_l2_entry(m, l2_off, l2_index, ne, nb)?;
+        map.m
+            .set_l2_entry(&map.m.write_io(a), l2_off, l2_index, ne, nb)?;
     }
     if copied_from.is_some() {
-        free_old(map, m, e)?;
+        free_old(map, a, e)?;
     }
     Ok(Extent::Data {
         host: target + in_c,
@@ -485,25 +589,26 @@ pub fn write_zeroes(map: &Qcow2Map, off: u64, len: u64, unmap: bool) -> Result<b
     if !off.is_multiple_of(g.cs) || !len.is_multiple_of(g.cs) {
         return Ok(false);
     }
-    let mut mg = map.m.lock();
-    let m = &mut *mg;
-    prepare(map, m)?;
+    let mut ag = map.m.lock_alloc();
+    let a = &mut *ag;
+    prepare(map, a)?;
     let mut cluster = off >> g.cluster_bits;
     let end = (off + len) >> g.cluster_bits;
     while cluster < end {
         let l1_index = cluster / g.l2_entries;
         let l2_index = cluster % g.l2_entries;
-        if !g.has_backing && map.m.l2_offset(m, l1_index)? == 0 {
+        if !g.has_backing && map.m.l2_offset(l1_index)? == 0 {
             // The whole table is unallocated and reads as zeros already.
             cluster += g.l2_entries - l2_index;
             continue;
         }
-        let l2_off = l2_for_write(map, m, l1_index)?;
-        let (e, b) = map.m.l2_entry(m, l2_off, l2_index)?;
+        let l2_off = l2_for_write(map, a, l1_index)?;
+        let (e, b) = map.m.l2_entry(&map.m.read_io(), l2_off, l2_index)?;
         map.m.classify(e, b, 0)?;
-        let (ne, nb) = zeroed_entry(map, m, e, unmap)?;
+        let (ne, nb) = zeroed_entry(map, a, e, unmap)?;
         if (ne, nb) != (e, b) {
-            map.m.set_l2_entry(m, l2_off, l2_index, ne, nb)?;
+            map.m
+                .set_l2_entry(&map.m.write_io(a), l2_off, l2_index, ne, nb)?;
         }
         cluster += 1;
     }
@@ -511,12 +616,12 @@ pub fn write_zeroes(map: &Qcow2Map, off: u64, len: u64, unmap: bool) -> Result<b
 }
 
 /// The entry (and bitmap) of a cluster after zeroing it; frees what is no longer used.
-fn zeroed_entry(map: &Qcow2Map, m: &mut Meta, e: u64, unmap: bool) -> Result<(u64, u64)> {
+fn zeroed_entry(map: &Qcow2Map, a: &mut Alloc, e: u64, unmap: bool) -> Result<(u64, u64)> {
     let g = &map.m.geo;
     let host = e & L2E_OFFSET_MASK;
     let compressed = e & OFLAG_COMPRESSED != 0;
     let has_host = !compressed && (host != 0 || (g.external && e & OFLAG_COPIED != 0));
-    let keep = !unmap && has_host && g.version >= 3 && owned(map, m, e)?;
+    let keep = !unmap && has_host && g.version >= 3 && owned(map, a, e)?;
     if keep {
         return Ok(if g.ext_l2 {
             (host | OFLAG_COPIED, ALL_ZERO_BITS)
@@ -525,7 +630,7 @@ fn zeroed_entry(map: &Qcow2Map, m: &mut Meta, e: u64, unmap: bool) -> Result<(u6
         });
     }
     if has_host || compressed {
-        free_old(map, m, e)?;
+        free_old(map, a, e)?;
     }
     let need_flag = g.has_backing || g.external;
     Ok(match (g.ext_l2, need_flag && g.version >= 3) {
@@ -536,14 +641,16 @@ fn zeroed_entry(map: &Qcow2Map, m: &mut Meta, e: u64, unmap: bool) -> Result<(u6
     })
 }
 
-/// Everything durable, in the safe order.
-pub fn flush(map: &Qcow2Map, m: &mut Meta) -> Result<()> {
-    if map.read_only || m.rc.is_none() {
+/// Everything durable, in the safe order. Runs under the allocation lock (writers that
+/// allocate wait); lookups and in-place writes go on: the L2 cache writes back snapshots of its
+/// dirty tables outside its lock, and the L1 lock is held only to copy the changed entries.
+pub fn flush(map: &Qcow2Map, a: &mut Alloc) -> Result<()> {
+    if map.read_only || a.rc.is_none() {
         return Ok(());
     }
     let g = &map.m.geo;
     let file = &map.m.file;
-    let end = refcounts(m)?.next_free << g.cluster_bits;
+    let end = refcounts(a)?.next_free << g.cluster_bits;
     if file.len()? < end {
         file.set_len(end)?;
     }
@@ -551,26 +658,34 @@ pub fn flush(map: &Qcow2Map, m: &mut Meta) -> Result<()> {
         map.m.data.sync()?;
     }
     file.sync()?;
-    refcounts(m)?.flush_durable()?;
-    if m.l2.is_dirty() {
-        let (cache, io) = m.split(file, &map.m.data, g.external);
+    refcounts(a)?.flush_durable()?;
+    if map.m.l2.is_dirty() {
+        let io = map.m.write_io(a);
         io.deps_done.set(true);
-        cache.flush(&io)?;
+        map.m.l2.flush(&io)?;
         file.sync()?;
     }
-    if let Some((a, b)) = m.l1_dirty {
-        // Whole 512-byte sectors around the changed entries.
-        let a = a / 64 * 64;
-        let b = (b.div_ceil(64) * 64).min(m.l1.len());
-        let mut raw = vec![0u8; (b - a) * 8];
-        for (i, e) in m.l1[a..b].iter().enumerate() {
-            raw[i * 8..i * 8 + 8].copy_from_slice(&e.to_be_bytes());
+    let changed = {
+        let mut l1 = map.m.l1.write();
+        l1.dirty.take().map(|(a, b)| {
+            // Whole 512-byte sectors around the changed entries.
+            let a = a / 64 * 64;
+            let b = (b.div_ceil(64) * 64).min(l1.entries.len());
+            let raw: Vec<u8> = l1.entries[a..b]
+                .iter()
+                .flat_map(|e| e.to_be_bytes())
+                .collect();
+            (a, b, l1.offset + a as u64 * 8, raw)
+        })
+    };
+    if let Some((lo, hi, at, raw)) = changed {
+        if let Err(e) = file.write_all_at(&raw, at).and_then(|_| file.sync()) {
+            let mut l1 = map.m.l1.write();
+            l1.dirty = Some(l1.dirty.map_or((lo, hi), |(x, y)| (x.min(lo), y.max(hi))));
+            return Err(e);
         }
-        file.write_all_at(&raw, m.l1_offset + a as u64 * 8)?;
-        file.sync()?;
-        m.l1_dirty = None;
     }
-    let rc = refcounts(m)?;
+    let rc = refcounts(a)?;
     if rc.has_pending_frees() {
         let punch = rc.apply_frees()?;
         rc.flush_durable()?;
@@ -584,19 +699,24 @@ pub fn flush(map: &Qcow2Map, m: &mut Meta) -> Result<()> {
 /// Allocate every cluster of the image (preallocation=metadata).
 pub fn preallocate(map: &Qcow2Map) -> Result<()> {
     let g = &map.m.geo;
-    let mut mg = map.m.lock();
-    let m = &mut *mg;
-    prepare(map, m)?;
+    let mut ag = map.m.lock_alloc();
+    let a = &mut *ag;
+    prepare(map, a)?;
     let clusters = map
         .size
         .load(std::sync::atomic::Ordering::Acquire)
         .div_ceil(g.cs);
     for cluster in 0..clusters {
-        let l2_off = l2_for_write(map, m, cluster / g.l2_entries)?;
-        let host = alloc_data(map, m, cluster << g.cluster_bits)?;
+        let l2_off = l2_for_write(map, a, cluster / g.l2_entries)?;
+        let host = alloc_data(map, a, cluster << g.cluster_bits)?;
         let nb = if g.ext_l2 { 0xffff_ffff } else { 0 };
-        map.m
-            .set_l2_entry(m, l2_off, cluster % g.l2_entries, host | OFLAG_COPIED, nb)?;
+        map.m.set_l2_entry(
+            &map.m.write_io(a),
+            l2_off,
+            cluster % g.l2_entries,
+            host | OFLAG_COPIED,
+            nb,
+        )?;
     }
-    flush(map, m)
+    flush(map, a)
 }

@@ -21,14 +21,15 @@ mod write;
 
 use crate::cache::TableCache;
 use crate::error::{Error, Result};
+use crate::format::Prefetched;
 use crate::host::HostFile;
 use crate::image::{
     BackingRef, Below, BlockMap, CheckReport, CreateOpts, Extent, Format, FormatStats, ImageInfo,
     OpenCtx, Repair,
 };
 use header::{Header, F_BACKING_FORMAT_NO_PROBE, F_NEED_CHECK, HEADER_LEN, KNOWN_AUTOCLEAR};
+use parking_lot::{Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use table::{Entry, Geometry, L2Io, Run};
 
 pub struct Qed;
@@ -153,22 +154,19 @@ impl QedMap {
     }
 
     fn lock_alloc(&self) -> MutexGuard<'_, Alloc> {
-        self.alloc.lock().unwrap_or_else(|p| p.into_inner())
+        self.alloc.lock()
     }
     fn read_l1(&self) -> RwLockReadGuard<'_, Vec<u64>> {
-        self.l1.read().unwrap_or_else(|p| p.into_inner())
+        self.l1.read()
     }
 
     /// The L2 table offset mapping `off`, None when unallocated.
     fn l2_for(&self, off: u64) -> Result<Option<u64>> {
+        let l1 = self.read_l1();
+        // The allocator's end, read *after* the entry: an allocator grows it before publishing
+        // an entry, so an end read earlier could be older than the entry (a false corruption).
         let fs = self.file_size.load(Ordering::SeqCst);
-        table::l2_offset(
-            &self.hdr,
-            &self.read_l1(),
-            self.geo.l1_index(off),
-            fs,
-            self.lenient,
-        )
+        table::l2_offset(&self.hdr, &l1, self.geo.l1_index(off), fs, self.lenient)
     }
 
     /// The run of same-kind clusters at `off` (at most `len` bytes).
@@ -183,10 +181,11 @@ impl QedMap {
     }
 
     fn run_in(&self, l2: u64, off: u64, len: u64) -> Result<Run> {
-        let fs = self.file_size.load(Ordering::SeqCst);
         let (h, g, lenient) = (&self.hdr, &self.geo, self.lenient);
         self.l2
             .with(&self.io, l2, |t| {
+                // Read after the table (see `l2_for`).
+                let fs = self.file_size.load(Ordering::SeqCst);
                 table::scan_run(g, t, off, len, |raw| table::classify(h, raw, fs, lenient))
             })?
             .map_err(|e| e.at(l2 + g.l2_index(off) as u64 * 8))
@@ -279,7 +278,14 @@ impl BlockMap for QedMap {
                 len: run.len,
             });
         }
-        self.allocate(off, len, below)
+        // Copy-on-write source read before the allocation lock.
+        let cs = self.geo.cluster_size;
+        let cstart = off - self.geo.in_cluster(off);
+        let pre = match run.first {
+            Entry::Unalloc => Prefetched::read(below, cstart, cs, (off, len), self.hdr.image_size)?,
+            _ => None,
+        };
+        self.allocate(off, len, below, pre.as_ref())
     }
 
     fn write_zeroes(&self, off: u64, len: u64, unmap: bool, _below: &dyn Below) -> Result<bool> {

@@ -11,14 +11,20 @@
 use super::table::{self, Entry};
 use super::{Alloc, QedMap};
 use crate::error::Result;
-use crate::format::{write_fill, Fill};
+use crate::format::{write_fill, Fill, Prefetched};
 use crate::image::{Below, Extent};
 use std::sync::atomic::Ordering;
 
 impl QedMap {
     /// Allocate data clusters for `[off, off+len)` (one L2 table at most) and fill the parts the
     /// guest write does not cover.
-    pub(super) fn allocate(&self, off: u64, len: u64, below: &dyn Below) -> Result<Extent> {
+    pub(super) fn allocate(
+        &self,
+        off: u64,
+        len: u64,
+        below: &dyn Below,
+        pre: Option<&Prefetched>,
+    ) -> Result<Extent> {
         let mut a = self.lock_alloc();
         self.set_need_check(&mut a, true)?;
         let g = self.geo;
@@ -52,7 +58,7 @@ impl QedMap {
         let host_end = host + n * cs;
         let data_end = (off + len).min(run_end);
         // Head and tail fills, before anything points at the new clusters.
-        self.fill(&a, host, cstart, off - cstart, run.first, below)?;
+        self.fill(&a, host, cstart, off - cstart, run.first, below, pre)?;
         let tail_kind = kinds[kinds.len() - 1];
         self.fill(
             &a,
@@ -61,6 +67,7 @@ impl QedMap {
             run_end - data_end,
             tail_kind,
             below,
+            pre,
         )?;
         if a.file_len < host_end {
             self.file.set_len(host_end)?;
@@ -83,8 +90,9 @@ impl QedMap {
     }
 
     /// Write `len` fill bytes for guest offset `guest` at host offset `host`: zeros for a zero
-    /// cluster, the backing chain for an unallocated one. Zeros past the end of the file are
-    /// skipped (they read as zeros already).
+    /// cluster, the backing chain for an unallocated one (`pre` when it was read before the
+    /// lock). Zeros past the end of the file are skipped (they read as zeros already).
+    #[allow(clippy::too_many_arguments)]
     fn fill(
         &self,
         a: &Alloc,
@@ -93,17 +101,10 @@ impl QedMap {
         len: u64,
         kind: Entry,
         below: &dyn Below,
+        pre: Option<&Prefetched>,
     ) -> Result<()> {
         let fill = if kind == Entry::Unalloc {
-            Fill::Below {
-                below,
-                guest,
-                inside: self
-                    .size
-                    .load(Ordering::Acquire)
-                    .saturating_sub(guest)
-                    .min(len) as usize,
-            }
+            Prefetched::fill(pre, below, guest, len, self.size.load(Ordering::Acquire))
         } else {
             Fill::Zeros
         };
@@ -122,7 +123,7 @@ impl QedMap {
         let zeroed = vec![0u8; self.geo.table_bytes as usize].into_boxed_slice();
         self.l2.insert_new(&self.io, l2, zeroed)?;
         let idx = self.geo.l1_index(off);
-        self.l1.write().unwrap_or_else(|p| p.into_inner())[idx] = l2;
+        self.l1.write()[idx] = l2;
         self.l1_dirty.store(true, Ordering::SeqCst);
         Ok(l2)
     }

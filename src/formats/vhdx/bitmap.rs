@@ -14,9 +14,9 @@ use crate::image::Below;
 
 impl VhdxMap {
     /// Host offset of `block`'s chunk sector bitmap, if present.
-    pub(super) fn bitmap_block(&self, st: &State, block: u64) -> Result<Option<u64>> {
+    pub(super) fn bitmap_block(&self, block: u64) -> Result<Option<u64>> {
         let idx = self.geo.bitmap_index(block / self.geo.chunk_ratio);
-        let e = self.read_entry(st, idx)?;
+        let e = self.read_entry(idx)?;
         match bat::state(e) {
             bat::SB_PRESENT => Ok(Some(self.checked_offset(idx, e, MIB)?)),
             bat::NOT_PRESENT => Ok(None),
@@ -29,14 +29,7 @@ impl VhdxMap {
 
     /// Length of the run of sectors with the same bitmap bit from `inb` (at most `n` bytes),
     /// and whether they are present.
-    pub(super) fn bitmap_run(
-        &self,
-        st: &State,
-        bm: u64,
-        block: u64,
-        inb: u64,
-        n: u64,
-    ) -> Result<(bool, u64)> {
+    pub(super) fn bitmap_run(&self, bm: u64, block: u64, inb: u64, n: u64) -> Result<(bool, u64)> {
         let ls = self.geo.logical_sector;
         let s0 = inb / ls;
         let s_end = (inb + n).div_ceil(ls);
@@ -44,7 +37,7 @@ impl VhdxMap {
         let page = bm + ((bit0 / 8) & !(PAGE_SIZE - 1));
         let page_bit0 = (page - bm) * 8;
         let limit = (s_end - s0).min(PAGE_SIZE * 8 - (bit0 - page_bit0));
-        self.with_page(st, page, |p| {
+        self.with_page(page, |p| {
             let get = |b: u64| p[((b - page_bit0) / 8) as usize] >> ((b - page_bit0) % 8) & 1 == 1;
             let first = get(bit0);
             let mut k = 1;
@@ -69,12 +62,13 @@ impl VhdxMap {
             let page = bm + ((b / 8) & !(PAGE_SIZE - 1));
             let page_bit0 = (page - bm) * 8;
             let stop = end.min(page_bit0 + PAGE_SIZE * 8);
-            let p = self.page_mut(st, page)?;
-            while b < stop {
-                let rel = b - page_bit0;
-                p[(rel / 8) as usize] |= 1 << (rel % 8);
-                b += 1;
-            }
+            self.page_mut(st, page, |p| {
+                for bit in b..stop {
+                    let rel = bit - page_bit0;
+                    p[(rel / 8) as usize] |= 1 << (rel % 8);
+                }
+            })?;
+            b = stop;
         }
         Ok(())
     }
@@ -90,7 +84,7 @@ impl VhdxMap {
             let page = bm + (byte & !(PAGE_SIZE - 1));
             let at = (byte - (page - bm)) as usize;
             let n = (nbytes - done).min(PAGE_SIZE - at as u64) as usize;
-            self.page_mut(st, page)?[at..at + n].fill(0);
+            self.page_mut(st, page, |p| p[at..at + n].fill(0))?;
             done += n as u64;
         }
         Ok(())
@@ -120,7 +114,7 @@ impl VhdxMap {
             edges.push(s1 - 1);
         }
         for s in edges {
-            let (present, _) = self.bitmap_run(st, bm, block, s * ls, ls)?;
+            let (present, _) = self.bitmap_run(bm, block, s * ls, ls)?;
             if !present {
                 let mut buf = vec![0u8; ls as usize];
                 below.read_below(block * self.geo.block_size + s * ls, &mut buf)?;

@@ -22,10 +22,9 @@ pub fn check(file: HostFile, repair: Repair) -> Result<CheckReport> {
     }
     let file_len = file.len()?;
     let g = map.geo.clone();
-    let st = map.lock_state();
     let mut seen = std::collections::HashSet::new();
     for idx in 0..g.bat_entries {
-        let e = map.read_entry(&st, idx)?;
+        let e = map.read_entry(idx)?;
         let s = bat::state(e);
         let is_bm = g.is_bitmap_index(idx);
         let (len, used) = if is_bm {
@@ -72,7 +71,6 @@ pub fn check(file: HostFile, repair: Repair) -> Result<CheckReport> {
                 .push(format!("BAT entry {idx}: block at {host:#x} is used twice"));
         }
     }
-    drop(st);
     if !read_only {
         use crate::image::BlockMap;
         map.close()?;

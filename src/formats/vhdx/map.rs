@@ -9,9 +9,9 @@ use crate::error::{Error, Result};
 use crate::formats::le64;
 use crate::host::HostFile;
 use crate::image::{BackingRef, Below, BlockMap, Extent, FormatStats, ImageInfo};
+use parking_lot::{Mutex, MutexGuard, RwLock};
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// Largest metadata region read into memory.
 const MAX_METADATA_REGION: u64 = 16 * MIB;
@@ -28,6 +28,13 @@ pub struct VhdxMap {
     pub(super) log_state: &'static str,
     replayed_entries: u64,
     cache: TableCache,
+    /// Changed metadata pages (BAT, sector bitmaps) not yet written in place: what lookups see
+    /// before the cache. Changed only under `st`; read under a short shared lock.
+    pub(super) dirty: RwLock<BTreeMap<u64, Vec<u8>>>,
+    /// This session's log is started (`State::log_guid` set): writes into present blocks need
+    /// no header update and take no lock.
+    writing: AtomicBool,
+    /// Allocation, the log and flush: the exclusive lock. Lookups never take it.
     st: Mutex<State>,
     /// Virtual size: the metadata's until a resize (resize.rs).
     pub(super) size: AtomicU64,
@@ -39,8 +46,6 @@ pub(super) struct State {
     log_guid: Option<Guid>,
     log_pos: u64,
     log_seq: u64,
-    /// Changed metadata pages (BAT, sector bitmaps) not yet logged.
-    pub(super) dirty: BTreeMap<u64, Vec<u8>>,
     /// Next free 1 MiB-aligned host offset.
     alloc_end: u64,
     /// Freed blocks, reusable; `pending_free` become free once their BAT change is durable.
@@ -57,7 +62,7 @@ impl TableIo for PageIo<'_> {
         self.0.read_meta(buf, off)
     }
     fn store(&self, off: u64, _buf: &[u8]) -> Result<()> {
-        // Pages are changed only in `State::dirty`; the cache holds clean copies.
+        // Pages are changed only in `VhdxMap::dirty`; the cache holds clean copies.
         Err(Error::corrupt("VHDX page cache asked to store a page").at(off))
     }
 }
@@ -143,12 +148,13 @@ impl VhdxMap {
             log_state,
             replayed_entries,
             cache: TableCache::new(PAGE_SIZE as usize, cache_size),
+            dirty: RwLock::new(BTreeMap::new()),
+            writing: AtomicBool::new(false),
             st: Mutex::new(State {
                 headers,
                 log_guid: None,
                 log_pos: 0,
                 log_seq: 1,
-                dirty: BTreeMap::new(),
                 alloc_end: 0,
                 free: vec![],
                 pending_free: vec![],
@@ -191,7 +197,7 @@ impl VhdxMap {
     }
 
     pub(super) fn st_lock(&self) -> MutexGuard<'_, State> {
-        self.st.lock().unwrap_or_else(|p| p.into_inner())
+        self.st.lock()
     }
 
     /// Metadata bytes as the (possibly replayed-in-memory) log makes them.
@@ -203,38 +209,43 @@ impl VhdxMap {
         Ok(())
     }
 
-    pub(super) fn with_page<R>(
+    /// Run `f` on the current contents of metadata page `page` (changed or as on disk).
+    pub(super) fn with_page<R>(&self, page: u64, f: impl FnOnce(&[u8]) -> R) -> Result<R> {
+        if let Some(p) = self.dirty.read().get(&page) {
+            return Ok(f(p));
+        }
+        self.cache.with(&PageIo(self), page, f)
+    }
+
+    /// Change metadata page `page`; `st` proves the exclusive lock is held.
+    pub(super) fn page_mut<R>(
         &self,
-        st: &State,
+        _st: &mut State,
         page: u64,
-        f: impl FnOnce(&[u8]) -> R,
+        f: impl FnOnce(&mut [u8]) -> R,
     ) -> Result<R> {
-        match st.dirty.get(&page) {
-            Some(p) => Ok(f(p)),
-            None => self.cache.with(&PageIo(self), page, f),
-        }
-    }
-
-    pub(super) fn page_mut<'s>(&self, st: &'s mut State, page: u64) -> Result<&'s mut Vec<u8>> {
-        if let std::collections::btree_map::Entry::Vacant(e) = st.dirty.entry(page) {
+        if !self.dirty.read().contains_key(&page) {
             let p = self.cache.with(&PageIo(self), page, |p| p.to_vec())?;
-            e.insert(p);
+            self.dirty.write().insert(page, p);
         }
-        Ok(st.dirty.get_mut(&page).expect("inserted above"))
+        let mut dirty = self.dirty.write();
+        let p = dirty.get_mut(&page).expect("inserted above");
+        Ok(f(p))
     }
 
-    pub(super) fn read_entry(&self, st: &State, idx: u64) -> Result<u64> {
+    pub(super) fn read_entry(&self, idx: u64) -> Result<u64> {
         let pos = self.geo.entry_pos(idx);
         let page = pos & !(PAGE_SIZE - 1);
-        self.with_page(st, page, |p| le64(p, (pos - page) as usize))
+        self.with_page(page, |p| le64(p, (pos - page) as usize))
     }
 
     pub(super) fn write_entry(&self, st: &mut State, idx: u64, e: u64) -> Result<()> {
         let pos = self.geo.entry_pos(idx);
         let page = pos & !(PAGE_SIZE - 1);
         let at = (pos - page) as usize;
-        self.page_mut(st, page)?[at..at + 8].copy_from_slice(&e.to_le_bytes());
-        Ok(())
+        self.page_mut(st, page, |p| {
+            p[at..at + 8].copy_from_slice(&e.to_le_bytes())
+        })
     }
 
     /// The host offset a BAT entry names, refused when it points into the header section or
@@ -295,12 +306,13 @@ impl VhdxMap {
         st.log_guid = Some(lg);
         st.log_pos = 0;
         st.log_seq = 1;
+        self.writing.store(true, Ordering::SeqCst);
         Ok(())
     }
 
     /// Keep an entry's worth of pages in hand: log what is dirty before it no longer fits.
     fn make_room(&self, st: &mut State) -> Result<()> {
-        if st.dirty.len() + 8 > log::max_pages(self.log_region.length) {
+        if self.dirty.read().len() + 8 > log::max_pages(self.log_region.length) {
             self.flush_locked(st)?;
         }
         Ok(())
@@ -310,7 +322,7 @@ impl VhdxMap {
         if self.read_only {
             return Ok(());
         }
-        if st.dirty.is_empty() {
+        if self.dirty.read().is_empty() {
             self.file.sync()?;
             let p = std::mem::take(&mut st.pending_free);
             st.free.extend(p);
@@ -325,12 +337,12 @@ impl VhdxMap {
         // Data and earlier in-place page writes durable: the log may start afresh here.
         self.file.sync()?;
         let file_len = self.file.len()?;
-        let dirty = std::mem::take(&mut st.dirty);
-        if let Err(e) = self.log_and_apply(st, guid, file_len, &dirty) {
-            // Keep the changes in memory (and out of the cache) so a retry logs them again.
-            st.dirty = dirty;
-            return Err(e);
-        }
+        // A copy: lookups keep seeing the changed pages until they are written in place.
+        // (Nothing changes them meanwhile: that takes `st`.)
+        let dirty = self.dirty.read().clone();
+        // On failure the changes stay dirty, so a retry logs them again.
+        self.log_and_apply(st, guid, file_len, &dirty)?;
+        self.dirty.write().clear();
         let p = std::mem::take(&mut st.pending_free);
         st.free.extend(p);
         Ok(())
@@ -363,8 +375,9 @@ impl VhdxMap {
             st.entries_written += 1;
             self.file.sync()?;
             for (off, p) in chunk.iter() {
-                self.cache.discard(*off);
                 self.file.write_all_at(p, *off)?;
+                // After the write: a load that raced it is not cached (see TableCache::get).
+                self.cache.discard(*off);
             }
             if i + 1 < chunks.len() {
                 self.file.sync()?;
@@ -425,10 +438,6 @@ impl VhdxMap {
     fn locate(&self, off: u64, len: u64) -> (u64, u64, u64) {
         let bs = self.geo.block_size;
         (off / bs, off % bs, len.min(bs - off % bs))
-    }
-
-    pub(super) fn lock_state(&self) -> MutexGuard<'_, State> {
-        self.st_lock()
     }
 }
 
@@ -494,9 +503,8 @@ impl BlockMap for VhdxMap {
 
     fn map_read(&self, off: u64, len: u64) -> Result<Extent> {
         let (block, inb, n) = self.locate(off, len);
-        let st = self.st_lock();
         let idx = self.geo.payload_index(block);
-        let e = self.read_entry(&st, idx)?;
+        let e = self.read_entry(idx)?;
         match bat::state(e) {
             bat::FULLY_PRESENT => {
                 let host = self.checked_offset(idx, e, self.geo.block_size)?;
@@ -507,13 +515,13 @@ impl BlockMap for VhdxMap {
             }
             bat::PARTIALLY_PRESENT if self.geo.has_parent => {
                 let host = self.checked_offset(idx, e, self.geo.block_size)?;
-                let bm = self.bitmap_block(&st, block)?.ok_or_else(|| {
+                let bm = self.bitmap_block(block)?.ok_or_else(|| {
                     Error::corrupt(format!(
                         "VHDX block {block} is partially present without a sector bitmap"
                     ))
                     .at(self.geo.entry_pos(idx))
                 })?;
-                let (present, run) = self.bitmap_run(&st, bm, block, inb, n)?;
+                let (present, run) = self.bitmap_run(bm, block, inb, n)?;
                 Ok(if present {
                     Extent::Data {
                         host: host + inb,
@@ -538,12 +546,22 @@ impl BlockMap for VhdxMap {
 
     fn map_write(&self, off: u64, len: u64, below: &dyn Below) -> Result<Extent> {
         let (block, inb, n) = self.locate(off, len);
+        let idx = self.geo.payload_index(block);
+        let bs = self.geo.block_size;
+        if self.writing.load(Ordering::SeqCst) {
+            // A fully present block is written in place: no allocation, no lock.
+            let e = self.read_entry(idx)?;
+            if bat::state(e) == bat::FULLY_PRESENT {
+                return Ok(Extent::Data {
+                    host: self.checked_offset(idx, e, bs)? + inb,
+                    len: n,
+                });
+            }
+        }
         let mut st = self.st_lock();
         self.begin_write(&mut st)?;
         self.make_room(&mut st)?;
-        let idx = self.geo.payload_index(block);
-        let e = self.read_entry(&st, idx)?;
-        let bs = self.geo.block_size;
+        let e = self.read_entry(idx)?;
         let state = bat::state(e);
         let data = |host: u64| Extent::Data {
             host: host + inb,
@@ -553,7 +571,7 @@ impl BlockMap for VhdxMap {
             bat::FULLY_PRESENT => return Ok(data(self.checked_offset(idx, e, bs)?)),
             bat::PARTIALLY_PRESENT if self.geo.has_parent => {
                 let host = self.checked_offset(idx, e, bs)?;
-                let bm = self.bitmap_block(&st, block)?.ok_or_else(|| {
+                let bm = self.bitmap_block(block)?.ok_or_else(|| {
                     Error::corrupt("VHDX partially present block without a sector bitmap")
                         .at(self.geo.entry_pos(idx))
                 })?;
@@ -571,7 +589,7 @@ impl BlockMap for VhdxMap {
         let from_parent = self.geo.has_parent && matches!(state, bat::NOT_PRESENT | bat::UNDEFINED);
         if from_parent && !(inb == 0 && n == bs) {
             // New partially present block: only the written sectors come from this image.
-            let bm = match self.bitmap_block(&st, block)? {
+            let bm = match self.bitmap_block(block)? {
                 Some(b) => b,
                 None => {
                     let b = self.alloc_fresh(&mut st, MIB);
@@ -615,7 +633,7 @@ impl BlockMap for VhdxMap {
         for block in off / bs..(off + len) / bs {
             self.make_room(&mut st)?;
             let idx = self.geo.payload_index(block);
-            let e = self.read_entry(&st, idx)?;
+            let e = self.read_entry(idx)?;
             let host = bat::offset(e);
             let keep = host != 0 && self.checked_offset(idx, e, bs).is_ok();
             let free = keep && unmap && !self.meta.leave_blocks_allocated;
@@ -650,6 +668,7 @@ impl BlockMap for VhdxMap {
             self.file.sync()?;
             st.headers.update(&self.file, |h| h.log_guid = Guid::ZERO)?;
             st.log_guid = None;
+            self.writing.store(false, Ordering::SeqCst);
         }
         Ok(())
     }
@@ -712,10 +731,10 @@ mod tests {
         for b in [0u64, 600, 1500] {
             write(&m, &f, b * MIB + 10, &[7; 100]);
         }
-        assert_eq!(m.lock_state().dirty.len(), 3);
+        assert_eq!(m.dirty.read().len(), 3);
         m.flush().unwrap();
         assert_eq!(m.stats().log_entries_written, 1);
-        assert!(m.lock_state().dirty.is_empty());
+        assert!(m.dirty.read().is_empty());
         m.close().unwrap();
         let m = open(&fault, true);
         for b in [0u64, 600, 1500] {

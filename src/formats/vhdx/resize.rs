@@ -81,23 +81,23 @@ impl VhdxMap {
             ));
         }
         let pos = self.size_item_pos()?;
-        let mut st = self.lock_state();
+        let mut st = self.st_lock();
         self.begin_write(&mut st)?;
         self.flush_locked(&mut st)?;
         let (first, end) = (self.bat_entries_for(old), self.bat_entries_for(new_size));
         for idx in first..end {
-            if self.read_entry(&st, idx)? != 0 {
+            if self.read_entry(idx)? != 0 {
                 self.write_entry(&mut st, idx, 0)?;
             }
         }
-        if !st.dirty.is_empty() {
+        if !self.dirty.read().is_empty() {
             self.flush_locked(&mut st)?;
         }
         let bytes = new_size.to_le_bytes();
         for (i, b) in bytes.iter().enumerate() {
             let at = pos + i as u64;
             let page = at & !(PAGE_SIZE - 1);
-            self.page_mut(&mut st, page)?[(at - page) as usize] = *b;
+            self.page_mut(&mut st, page, |p| p[(at - page) as usize] = *b)?;
         }
         self.flush_locked(&mut st)?;
         self.size.store(new_size, Ordering::Release);
