@@ -1020,6 +1020,9 @@ fn run_case(case: &cases::Case, args: &Args, seed: u64) -> Result<String, String
                     args.readers
                 ));
             }
+            if (done + used) / 100_000 > done / 100_000 {
+                eprintln!("{}: {} ops", case.name, done + used);
+            }
             done += used;
             epochs += 1;
             if killed {
