@@ -35,8 +35,14 @@ log=target/stress/stress-$(date +%Y%m%d-%H%M%S).log
 echo "# $(date -u) seed $seed ops $ops crash $crash fs-ops $fsops formats $formats" | tee -a "$log"
 status=0
 run() {
-  if nice -n 10 "$bin/imgfs-stress" --imgfs "$bin/imgfs" "$@" 2>&1 | tee -a "$log" | grep -v ' ops$'; then :; fi
-  grep -q FAILED <(tail -n 3 "$log") && status=1 || true
+  set +e
+  nice -n 10 "$bin/imgfs-stress" --imgfs "$bin/imgfs" "$@" 2>&1 | tee -a "$log" | grep -v ' ops$'
+  local rc=${PIPESTATUS[0]}
+  set -e
+  if [ "$rc" != 0 ]; then
+    echo "imgfs-stress $* exited with status $rc" | tee -a "$log"
+    status=1
+  fi
 }
 for f in ${formats//,/ }; do
   run --formats "$f" --ops "$ops" --seed "$seed"
