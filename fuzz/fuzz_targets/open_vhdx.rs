@@ -4,7 +4,7 @@ use libfuzzer_sys::fuzz_target;
 mod common;
 
 fuzz_target!(|data: &[u8]| {
-    let mut data = data.to_vec();
+    let mut data = common::expand_sparse(data);
     common::fix_vhdx_checksums(&mut data);
     common::open_and_read("vhdx", &data)
 });

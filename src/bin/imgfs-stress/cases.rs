@@ -23,6 +23,9 @@ pub struct Case {
     /// `qemu_reads`, otherwise it is read back through a fresh read-only imgfs mount.
     pub initial: &'static str,
     pub qemu_reads: bool,
+    /// An internal snapshot the case makes ("" none): after the run its contents, through
+    /// `qemu-img convert -l snapshot.name=...`, must be what they were before.
+    pub snapshot: &'static str,
     /// Shell steps (each one `sh -e -c`).
     pub create: &'static [&'static str],
 }
@@ -40,6 +43,7 @@ pub const CASES: &[Case] = &[
         qemu_check: false,
         initial: "$IMG",
         qemu_reads: true,
+        snapshot: "",
         create: &["truncate -s $SIZE $IMG", QEMU_FILL],
     },
     Case {
@@ -50,6 +54,7 @@ pub const CASES: &[Case] = &[
         qemu_check: false,
         initial: "$IMG",
         qemu_reads: true,
+        snapshot: "",
         // Compressed clusters: convert -c from a raw file with data (qemu-img may exit 1 without a
         // message here although the output is complete: the initial model is read from the result).
         create: &[
@@ -68,6 +73,7 @@ pub const CASES: &[Case] = &[
         qemu_check: false,
         initial: "$IMG",
         qemu_reads: true,
+        snapshot: "",
         create: &[
             "truncate -s $BSIZE $DIR/base.raw",
             "FMT=raw IMG=$DIR/base.raw SIZE=$BSIZE; eval \"$QEMU_FILL\"",
@@ -85,6 +91,7 @@ pub const CASES: &[Case] = &[
         qemu_check: true,
         initial: "$IMG",
         qemu_reads: true,
+        snapshot: "s1",
         create: &[
             "qemu-img create -q -f qcow2 $DIR/base.qcow2 $BSIZE",
             "FMT=qcow2 IMG=$DIR/base.qcow2 SIZE=$BSIZE; eval \"$QEMU_FILL\"",
@@ -104,6 +111,7 @@ pub const CASES: &[Case] = &[
         qemu_check: true,
         initial: "$IMG",
         qemu_reads: true,
+        snapshot: "",
         create: &[
             "qemu-img create -q -f qcow2 -o cluster_size=32k,extended_l2=on,lazy_refcounts=on $IMG $SIZE",
             "FMT=qcow2; eval \"$QEMU_FILL\"",
@@ -118,6 +126,7 @@ pub const CASES: &[Case] = &[
         qemu_check: true,
         initial: "$IMG",
         qemu_reads: true,
+        snapshot: "",
         create: &[
             "truncate -s $BSIZE $DIR/base.raw",
             "FMT=raw IMG=$DIR/base.raw SIZE=$BSIZE; eval \"$QEMU_FILL\"",
@@ -133,6 +142,7 @@ pub const CASES: &[Case] = &[
         qemu_check: true,
         initial: "$IMG",
         qemu_reads: true,
+        snapshot: "",
         create: &[
             "qemu-img create -q -f qed -o cluster_size=4096 $IMG $SIZE",
             "FMT=qed; eval \"$QEMU_FILL\"",
@@ -146,6 +156,7 @@ pub const CASES: &[Case] = &[
         qemu_check: true,
         initial: "$IMG",
         qemu_reads: true,
+        snapshot: "",
         create: &[
             "qemu-img create -q -f vhdx -o block_size=1M $IMG $SIZE",
             "FMT=vhdx; eval \"$QEMU_FILL\"",
@@ -160,6 +171,7 @@ pub const CASES: &[Case] = &[
         qemu_check: false,
         initial: "",
         qemu_reads: false,
+        snapshot: "",
         create: &["$IMGFS create -f vhdx -o logical_sector_size=4096,block_size=1M $IMG $SIZE >/dev/null"],
     },
     // A differencing VHDX (sector bitmaps) over a QEMU-made parent with data; QEMU does not open
@@ -172,6 +184,7 @@ pub const CASES: &[Case] = &[
         qemu_check: false,
         initial: "parent.vhdx",
         qemu_reads: false,
+        snapshot: "",
         create: &[
             "qemu-img create -q -f vhdx -o block_size=1M $DIR/parent.vhdx $SIZE",
             "FMT=vhdx IMG=$DIR/parent.vhdx; eval \"$QEMU_FILL\"",

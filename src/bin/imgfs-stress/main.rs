@@ -935,6 +935,32 @@ fn run_case(case: &cases::Case, args: &Args, seed: u64) -> Result<String, String
         f => qemu_raw(None, &dir.join(f), &dir.join("initial.raw"))?,
     };
     bytes.resize(SIZE as usize, 0);
+    let snap_raw = |what: &str| -> Result<Vec<u8>, String> {
+        let out = dir.join(format!("snap-{what}.raw"));
+        let opt = format!("snapshot.name={}", case.snapshot);
+        sh_ok(
+            "qemu-img",
+            &[
+                "convert",
+                "-f",
+                case.fmt,
+                "-l",
+                &opt,
+                "-O",
+                "raw",
+                s(&img),
+                s(&out),
+            ],
+        )?;
+        let v = std::fs::read(&out).map_err(|e| e.to_string())?;
+        let _ = std::fs::remove_file(&out);
+        Ok(v)
+    };
+    let snap_before = if case.snapshot.is_empty() {
+        None
+    } else {
+        Some(snap_raw("before")?)
+    };
 
     let mut points: Vec<u64> = (0..=SIZE / case.cluster)
         .map(|i| i * case.cluster)
@@ -1093,6 +1119,14 @@ fn run_case(case: &cases::Case, args: &Args, seed: u64) -> Result<String, String
             umount(&args.imgfs, &mnt)?;
             v
         };
+        if let Some(before) = &snap_before {
+            if let Some(d) = diff(&snap_raw("after")?, before, 0) {
+                return Err(format!(
+                    "seed {seed:#x}: snapshot {} changed during the run: {d}",
+                    case.snapshot
+                ));
+            }
+        }
         if let Some(d) = diff(&final_bytes, &bytes, 0) {
             return Err(format!(
                 "seed {seed:#x}: {} after the run differs from the model: {d}",
