@@ -232,3 +232,49 @@ impl Durable {
         g.pending.clear();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durable_model_allows_synced_and_pending_values_only() {
+        let d = Durable::new(vec![1u8; 16]);
+        // A write that completed before the fsync started becomes the base...
+        let a = d.begin(0, Data::Bytes(Arc::new(vec![2u8; 4])));
+        d.complete(a);
+        let s = d.sync_start();
+        // ...one that completed after it stays pending, as does one still in flight.
+        let b = d.begin(4, Data::Bytes(Arc::new(vec![3u8; 4])));
+        d.complete(b);
+        d.synced(s);
+        d.begin(8, Data::Zeros(4));
+        let mut got = vec![1u8; 16];
+        got[..4].fill(2);
+        assert!(d.verify(&got).is_ok());
+        got[4] = 3; // landed
+        got[9] = 0; // in-flight zeroing landed in part
+        assert!(d.verify(&got).is_ok());
+        // The fsync'd write lost: not allowed.
+        got[0] = 1;
+        assert_eq!(d.verify(&got).unwrap_err().0, 0);
+        got[0] = 2;
+        // A value nobody wrote: not allowed.
+        got[13] = 7;
+        assert_eq!(d.verify(&got).unwrap_err().0, 13);
+    }
+
+    #[test]
+    fn chunks_round_trip_and_read_across_chunks() {
+        let bytes: Vec<u8> = (0..100u8).collect();
+        let c = Chunks::new(bytes.clone(), 16);
+        assert_eq!(c.count(), 7);
+        assert_eq!(c.range_of(6), (96, 100));
+        assert_eq!(c.read(10, 30).bytes(10, 30), bytes[10..40].to_vec());
+        c.lock(1)[0] = 0xff;
+        assert_eq!(c.read(15, 2).bytes(15, 2), vec![15, 0xff]);
+        let mut want = bytes;
+        want[16] = 0xff;
+        assert_eq!(c.into_bytes(), want);
+    }
+}
