@@ -69,7 +69,7 @@ pub fn run(case: &Case, args: &Args, seed: u64) -> Result<String, String> {
                             "--fs-worker",
                             s(&fsdir),
                             &w.to_string(),
-                            &(seed ^ (w + 1) * 0x9e37_79b9).to_string(),
+                            &(seed ^ ((w + 1) * 0x9e37_79b9)).to_string(),
                             &(ops / WORKERS).to_string(),
                             s(&dir.join(format!("manifest{w}"))),
                         ])

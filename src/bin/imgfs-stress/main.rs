@@ -635,7 +635,7 @@ fn check_read(ep: &Epoch, n: u64, who: &str, how: usize, off: u64, got: &[u8], w
 }
 
 fn writer(ep: &Epoch, w: u64) {
-    let mut rng = SplitMix64::new(ep.seed ^ (ep.op_base << 8) ^ (w + 1) * 0x9e37_79b9);
+    let mut rng = SplitMix64::new(ep.seed ^ (ep.op_base << 8) ^ ((w + 1) * 0x9e37_79b9));
     let who = format!("writer {w}");
     let mut fds = match open_fds(ep.file, true) {
         Ok(f) => f,
@@ -865,7 +865,7 @@ fn writer(ep: &Epoch, w: u64) {
 }
 
 fn reader(ep: &Epoch, r: u64) {
-    let mut rng = SplitMix64::new(ep.seed ^ (ep.op_base << 8) ^ (r + 1) * 0xbf58_476d);
+    let mut rng = SplitMix64::new(ep.seed ^ (ep.op_base << 8) ^ ((r + 1) * 0xbf58_476d));
     let who = format!("reader {r}");
     let fds = match open_fds(ep.file, false) {
         Ok(f) => f,
@@ -891,10 +891,12 @@ fn reader(ep: &Epoch, r: u64) {
                     let got = if ep.direct { &a.buf()[..k] } else { &got[..k] };
                     check_read(ep, n, &who, R_BUF, off, got, &want);
                 }
-                Ok(k) => return ep.fail(format!(
+                Ok(k) => {
+                    return ep.fail(format!(
                     "op {n} ({who}): read across the end from {off:#x} returned {k} bytes, want {}",
                     size - off
-                )),
+                ))
+                }
                 Err(e) => {
                     return ep.fail(format!(
                         "op {n} ({who}): read across the end from {off:#x}: {e}"
@@ -1049,7 +1051,7 @@ fn run_case(case: &cases::Case, args: &Args, seed: u64) -> Result<String, String
                 writers: args.writers,
                 direct,
                 // A mapped page that faults after the kill raises SIGBUS: no mmap in kill epochs.
-                mmap_ok: chunk % PAGE == 0 && kill_at.is_none(),
+                mmap_ok: chunk.is_multiple_of(PAGE) && kill_at.is_none(),
                 cluster: case.cluster,
                 hot_base: rng.below(SIZE),
                 hot_len: (chunk * args.writers).max(case.cluster),
