@@ -726,3 +726,7 @@ fn image_dir(path: &Path) -> PathBuf {
     let dir = dir.unwrap_or(Path::new("."));
     dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf())
 }
+
+#[cfg(test)]
+#[path = "image_tests.rs"]
+mod tests;
