@@ -875,27 +875,23 @@ fn reader(ep: &Epoch, r: u64) {
     while let Some(n) = ep.next_op() {
         if rng.below(50) == 0 {
             // A read across the end of the disk returns exactly the bytes up to the end.
-            let off = size - 1 - rng.below(8192);
-            let mut got = vec![0u8; (size - off) as usize + 1 + rng.below(8192) as usize];
+            let mut off = size - 1 - rng.below(8192);
+            if ep.direct {
+                off &= !511;
+            }
+            let want_len = size - off;
+            // Locked before the read, as every read: no writer changes these bytes meanwhile.
+            let view = ep.model.read(off, want_len);
+            let mut a = Aligned::new((want_len + 1 + rng.below(8192)) as usize);
             let f = if ep.direct { &fds.direct } else { &fds.buf };
-            let mut a = Aligned::new(got.len() + 512);
-            let (off, r) = if ep.direct {
-                let o = off & !511;
-                (o, f.read_at(a.buf(), o))
-            } else {
-                (off, f.read_at(&mut got, off))
-            };
-            match r {
-                Ok(k) if k as u64 == size - off => {
-                    let want = ep.model.read(off, size - off).bytes(off, size - off);
-                    let got = if ep.direct { &a.buf()[..k] } else { &got[..k] };
-                    check_read(ep, n, &who, R_BUF, off, got, &want);
+            match f.read_at(a.buf(), off) {
+                Ok(k) if k as u64 == want_len => {
+                    check_read(ep, n, &who, R_BUF, off, &a.buf()[..k], &view.bytes(off, want_len))
                 }
                 Ok(k) => {
                     return ep.fail(format!(
-                    "op {n} ({who}): read across the end from {off:#x} returned {k} bytes, want {}",
-                    size - off
-                ))
+                        "op {n} ({who}): read across the end from {off:#x} returned {k} bytes, want {want_len}"
+                    ))
                 }
                 Err(e) => {
                     return ep.fail(format!(
