@@ -421,17 +421,7 @@ fn directory_of_qcow2_chain_exposes_only_the_top() {
     let other = d.join("other.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "8M"]);
     qemu_io("qcow2", &base, &["write -P 0x61 0 1M"]);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        top.to_str().unwrap(),
-    ]);
+    qcow2_overlay(&top, "base.qcow2");
     qemu_io("qcow2", &top, &["write -P 0x62 512k 4k"]);
     qemu_img(&["create", "-q", "-f", "qcow2", other.to_str().unwrap(), "4M"]);
     let want = qemu_raw(&top);
