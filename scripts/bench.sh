@@ -5,6 +5,10 @@
 # add raw-pt for raw images served with FUSE passthrough). The fio jobs are scripts/fio/*.fio;
 # BENCH_CASES, BENCH_REPS, BENCH_SIZE, BENCH_RUNTIME and BENCH_DIR override the defaults;
 # BENCH_HOSTBUF=1 adds the buffered host-file probe to sequential-write cases.
+# BENCH_TRANSPORTS="uring dev" runs imgfs once per request transport (default: auto, i.e. io_uring
+# where the kernel offers it; as root the bench turns the kernel's switch on for uring).
+# BENCH_QSD11=DIR also runs qemu-storage-daemon 11 with 2 iothreads from a side tree DIR (see
+# docs/performance.md for the mmdebstrap recipe).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -37,6 +41,25 @@ cleanup() {
   "$imgfs" umount "$work/mnt" 2>/dev/null || umount -l "$work/mnt" 2>/dev/null || true
   [ -f "$work/qsd.pid" ] && kill "$(cat "$work/qsd.pid")" 2>/dev/null || true
   umount -l "$work/qsd.export" 2>/dev/null || true
+}
+read -r -a transports <<< "${BENCH_TRANSPORTS:-auto}"
+imgfs_kinds=()
+for t in "${transports[@]}"; do
+  if [ "$t" = auto ]; then imgfs_kinds+=(imgfs); else imgfs_kinds+=("imgfs-$t"); fi
+  if [ "$t" != dev ] && [ "$(id -u)" = 0 ] && [ -f /sys/module/fuse/parameters/enable_uring ]; then
+    echo Y > /sys/module/fuse/parameters/enable_uring
+  fi
+done
+qsd11=${BENCH_QSD11:-}
+if [ -n "$qsd11" ] && [ ! -x "$qsd11/usr/bin/qemu-storage-daemon" ]; then
+  echo "BENCH_QSD11=$qsd11: no usr/bin/qemu-storage-daemon there (see docs/performance.md)" >&2
+  exit 1
+fi
+# qemu-storage-daemon 11 from the side tree, through its own dynamic loader and libraries.
+qsd11_cmd() {
+  QEMU_MODULE_DIR="$qsd11/usr/lib/x86_64-linux-gnu/qemu" "$qsd11/lib64/ld-linux-x86-64.so.2" \
+    --library-path "$qsd11/usr/lib/x86_64-linux-gnu:$qsd11/lib/x86_64-linux-gnu" \
+    "$qsd11/usr/bin/qemu-storage-daemon" "$@"
 }
 trap cleanup EXIT
 
@@ -79,7 +102,8 @@ new_empty() {  # $1=format -> path of a fresh empty image
 start_server() {
   local kind=$1 fmt=${2%-pt} img=$3 extra=()
   [ "$2" = raw-pt ] && extra=(--passthrough)
-  if [ "$kind" = imgfs ]; then
+  if [[ $kind == imgfs* ]]; then
+    [ "$kind" != imgfs ] && extra+=(--transport "${kind#imgfs-}")
     mkdir -p "$work/mnt"
     "$imgfs" mount "${extra[@]}" --format "$fmt" "$img" "$work/mnt"
     server_pid=$(getfattr --absolute-names --only-values -n user.imgfs.pid "$work/mnt")
@@ -87,17 +111,23 @@ start_server() {
   else
     exposed="$work/qsd.export"
     : > "$exposed"
-    qemu-storage-daemon \
+    local qsd=(qemu-storage-daemon) threads=() on=""
+    if [ "$kind" = qsd11 ]; then
+      qsd=(qsd11_cmd)
+      threads=(--object iothread,id=iot0 --object iothread,id=iot1)
+      on=",iothread.0=iot0,iothread.1=iot1"
+    fi
+    "${qsd[@]}" "${threads[@]}" \
       --blockdev driver=file,node-name=file0,filename="$img",cache.direct=off \
       --blockdev driver="$fmt",node-name=fmt0,file=file0 \
-      --export type=fuse,id=exp0,node-name=fmt0,mountpoint="$exposed",writable=on \
+      --export type=fuse,id=exp0,node-name=fmt0,mountpoint="$exposed",writable=on$on \
       --pidfile "$work/qsd.pid" --daemonize
     server_pid=$(cat "$work/qsd.pid")
   fi
 }
 stop_server() {  # $1=imgfs|qsd $2=image
   local kind=$1 img=$2
-  if [ "$kind" = imgfs ]; then
+  if [[ $kind == imgfs* ]]; then
     "$imgfs" umount "$work/mnt"
   else
     kill "$server_pid"
@@ -108,19 +138,22 @@ stop_server() {  # $1=imgfs|qsd $2=image
   fi
 }
 peak_rss_kib() { awk '/VmHWM/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+# CPU time (user + system, clock ticks, all threads) a daemon has used so far.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
 
 # --- fio -----------------------------------------------------------------------------------------------
 jobs="$root/scripts/fio"
 # BENCH_CASES="seqwrite-over randread" runs a subset.
 read -r -a cases <<< "${BENCH_CASES:-seqread seqwrite-alloc seqwrite-over randread randwrite-alloc randwrite-over}"
-# run_fio CASE FILE [DIRECT] -> prints MB/s and IOPS (reads + writes)
+# run_fio CASE FILE [DIRECT] -> prints MB/s, IOPS and the number of I/Os (reads + writes)
 run_fio() {
   FILE=$2 SIZE=$size RUNTIME=$runtime DIRECT=${3:-1} fio --output-format=json "$jobs/$1.fio" 2>/dev/null |
     python3 -c 'import json,sys
 j=json.load(sys.stdin)["jobs"][0]
 bw=(j["read"]["bw_bytes"]+j["write"]["bw_bytes"])/1e6
 iops=j["read"]["iops"]+j["write"]["iops"]
-print(f"{bw:.1f}\t{iops:.0f}")'
+ios=j["read"]["total_ios"]+j["write"]["total_ios"]
+print(f"{bw:.1f}\t{iops:.0f}\t{ios}")'
 }
 image_kind() { sed -n 's/^# bench-image: //p' "$jobs/$1.fio"; }
 
@@ -157,13 +190,14 @@ for fmt in "${formats[@]}"; do
     # both servers write into the host page cache, and what that costs on this VM swings
     # several-fold from run to run, so this probe is the ceiling to read their numbers against.
     # (Off by default: it adds about a minute.)
-    kinds=(imgfs qsd)
+    kinds=("${imgfs_kinds[@]}" qsd)
+    [ -n "$qsd11" ] && kinds+=(qsd11)
     [[ $name == seqwrite* ]] && [ "${BENCH_HOSTBUF:-0}" = 1 ] && kinds+=(hostbuf)
     for rep in $(seq 1 "$reps"); do
       for kind in "${kinds[@]}"; do
         if [ "$kind" = hostbuf ]; then
           out=$(host_buffered "$name" "$which")
-          printf '%s\t%s\thostbuf\t%s\t%s\t0\n' "$fmt" "$name" "$rep" "$out" >> "$results"
+          printf '%s\t%s\thostbuf\t%s\t%s\t0\t0\n' "$fmt" "$name" "$rep" "$out" >> "$results"
           log "$fmt $name host buffered #$rep: $out"
           continue
         fi
@@ -171,11 +205,14 @@ for fmt in "${formats[@]}"; do
         # Overwrite cases start with the image out of the host page cache.
         [ "$which" = full ] && [[ $name == *write* ]] && evict "$img"
         start_server "$kind" "$fmt" "$img"
+        c0=$(cpu_ticks "$server_pid")
         out=$(run_fio "$name" "$exposed")
+        c1=$(cpu_ticks "$server_pid")
         rss=$(peak_rss_kib "$server_pid")
         stop_server "$kind" "$img"
-        printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$fmt" "$name" "$kind" "$rep" "$out" "$rss" >> "$results"
-        log "$fmt $name $kind #$rep: $out (rss ${rss} KiB)"
+        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$fmt" "$name" "$kind" "$rep" "$out" "$rss" \
+          "$((c1 - c0))" >> "$results"
+        log "$fmt $name $kind #$rep: $out (rss ${rss} KiB, cpu $((c1 - c0)) ticks)"
       done
     done
   done
@@ -186,7 +223,7 @@ host_file
 for name in "${cases[@]}"; do
   for rep in $(seq 1 "$reps"); do
     out=$(run_fio "$name" "$work/host.raw")
-    printf 'host\t%s\thost\t%s\t%s\t0\n' "$name" "$rep" "$out" >> "$results"
+    printf 'host\t%s\thost\t%s\t%s\t0\t0\n' "$name" "$rep" "$out" >> "$results"
   done
 done
 

@@ -10,10 +10,17 @@ TARGETS = {"seqread": 3.0, "randread": 2.5, "randwrite-over": 2.0, "seqwrite-ove
            "seqwrite-alloc": 2.0, "randwrite-alloc": 2.0}
 ALLOCATING = {"qcow2", "qed", "vhdx"}
 
-rows = defaultdict(list)  # (fmt, case, kind) -> [(mbs, iops, rss)]
+import os
+
+TICK_US = 1e6 / os.sysconf("SC_CLK_TCK")
+rows = defaultdict(list)  # (fmt, case, kind) -> [(mbs, iops, rss, daemon CPU µs per I/O)]
 for line in open(sys.argv[1]):
-    fmt, case, kind, _rep, mbs, iops, rss = line.rstrip("\n").split("\t")
-    rows[(fmt, case, kind)].append((float(mbs), float(iops), int(rss or 0)))
+    fmt, case, kind, _rep, mbs, iops, ios, rss, cpu = line.rstrip("\n").split("\t")
+    per_io = int(cpu or 0) * TICK_US / int(ios) if int(ios or 0) else 0.0
+    rows[(fmt, case, kind)].append((float(mbs), float(iops), int(rss or 0), per_io))
+kinds = {k for (_, _, k) in rows}
+# The imgfs column of the main table: the default transport, else the first one benchmarked.
+primary = next((k for k in ["imgfs", "imgfs-uring", "imgfs-dev"] if k in kinds), "imgfs")
 
 
 def med(vals):
@@ -39,7 +46,7 @@ print(f"{'format':<7}{'case':<16}{'imgfs MB/s':>11}{'IOPS':>8}{'±%':>5}{'qsd MB
 met = total = 0
 for fmt in sorted({f for f, _, k in rows if k not in ("host", "hostbuf")}):
     for case in CASES:
-        a = rows.get((fmt, case, "imgfs"), [])
+        a = rows.get((fmt, case, primary), [])
         b = rows.get((fmt, case, "qsd"), [])
         if not a:
             continue
@@ -65,9 +72,50 @@ if hostbuf:
     print(f"{'format':<7}{'case':<16}{'host MB/s':>10}{'±%':>5}{'imgfs/it':>9}{'qsd/it':>7}")
     for (fmt, case), v in sorted(hostbuf.items()):
         hm = med([r[0] for r in v])
-        am = med([r[0] for r in rows.get((fmt, case, "imgfs"), [])])
+        am = med([r[0] for r in rows.get((fmt, case, primary), [])])
         bm = med([r[0] for r in rows.get((fmt, case, "qsd"), [])])
         print(f"{fmt:<7}{case:<16}{hm:>10.1f}{spread([r[0] for r in v]):>5.0f}{am / hm:>9.2f}{bm / hm:>7.2f}")
+# Every server side by side (several imgfs transports, qemu-storage-daemon 11), with daemon CPU time
+# per I/O, the io_uring/dev ratio and imgfs/qsd11 against issue 20's targets.
+VS_DEV = {"randread": 1.3, "randwrite-over": 1.3, "seqread": 1.15}
+VS_QSD11 = {"seqread": 3.0, "randread": 2.5, "randwrite-over": 2.0, "seqwrite-alloc": 2.0,
+            "randwrite-alloc": 2.0}
+servers = [k for k in ["imgfs", "imgfs-uring", "imgfs-dev", "qsd", "qsd11"] if k in kinds]
+if len(servers) > 2:
+    print("\nall servers: MB/s, IOPS, spread %, daemon CPU µs per I/O; ratios with their targets ('!' = missed)")
+    head = f"{'format':<7}{'case':<16}"
+    for k in servers:
+        head += f"{k + ' MB/s':>17}{'IOPS':>8}{'±%':>5}{'cpu':>8}"
+    uring, dev = ("imgfs-uring", "imgfs-dev") if "imgfs-uring" in kinds else (None, None)
+    if uring and dev in kinds:
+        head += f"{'uring/dev':>13}"
+    if "qsd11" in kinds:
+        head += f"{primary + '/qsd11':>18}"
+    print(head)
+    for fmt in sorted({f for f, _, k in rows if k not in ("host", "hostbuf")}):
+        for case in CASES:
+            if not rows.get((fmt, case, primary)):
+                continue
+            line = f"{fmt:<7}{case:<16}"
+            for k in servers:
+                v = rows.get((fmt, case, k), [])
+                line += (f"{med([r[0] for r in v]):>17.1f}{med([r[1] for r in v]):>8.0f}"
+                         f"{spread([r[0] for r in v]):>5.0f}{med([r[3] for r in v]):>8.1f}")
+            if uring and dev in kinds:
+                u, d = (med([r[0] for r in rows.get((fmt, case, k), [])]) for k in (uring, dev))
+                r = u / d if d else float("nan")
+                t = VS_DEV.get(case, 1.0)
+                line += f"{r:>8.2f}{'' if r >= t else ' !':>2}{t:>5.2f}"
+            if "qsd11" in kinds:
+                a = med([r[0] for r in rows.get((fmt, case, primary), [])])
+                b = med([r[0] for r in rows.get((fmt, case, "qsd11"), [])])
+                r = a / b if b else float("nan")
+                t = VS_QSD11.get(case)
+                if case.endswith("-alloc") and fmt not in ALLOCATING:
+                    t = None
+                mark = "" if t is None or r >= t else " !"
+                line += f"{r:>11.2f}{mark:>2}{'' if t is None else f'{t:.1f}':>5}"
+            print(line)
 if len(sys.argv) > 2:
     st = defaultdict(list)
     for line in open(sys.argv[2]):

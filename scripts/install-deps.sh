@@ -16,6 +16,8 @@ have runuser       || need+=(util-linux)   # tests/nonroot.rs runs imgfs as a us
 have useradd       || need+=(passwd)       # ... and creates that user
 have cc            || need+=(gcc)
 have make          || need+=(make)
+# The opt-in QEMU 11 anchor of scripts/bench.sh builds its side tree with mmdebstrap.
+if [ -n "${BENCH_QSD11:-}" ]; then have mmdebstrap || need+=(mmdebstrap); fi
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive

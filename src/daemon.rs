@@ -260,10 +260,21 @@ pub fn unmount(mountpoint: &Path, lazy: bool) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Whether an error from a FUSE mount says its daemon is gone: ENOTCONN, or, with the io_uring
+/// transport, ECANCELED (a request handed to the dead daemon's ring) or ECONNABORTED (one caught
+/// when the connection is aborted, which the kernel does only once the dead daemon's rings are
+/// torn down, a moment after its exit). imgfs itself never answers either.
+pub fn is_dead_connection(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENOTCONN | libc::ECONNABORTED | libc::ECANCELED)
+    )
+}
+
 /// A FUSE mount whose daemon died answers ENOTCONN: detach it so the mountpoint can be reused.
 pub fn clear_stale_mount(mountpoint: &Path) -> bool {
     match std::fs::metadata(mountpoint) {
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+        Err(e) if is_dead_connection(&e) => {
             log::warn!("{}: removing a stale FUSE mount", mountpoint.display());
             unmount(mountpoint, true).is_ok()
         }

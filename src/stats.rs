@@ -15,6 +15,7 @@ pub fn image_stats(name: &str, image: &Image) -> Value {
         "format": image.format(),
         "virtual_size": image.size(),
         "state": state(image),
+        "transport": crate::fuse::transport::active(),
         "reads": s.reads.load(Relaxed),
         "writes": s.writes.load(Relaxed),
         "bytes_read": s.bytes_read.load(Relaxed),

@@ -2,6 +2,7 @@
 
 use crate::daemon;
 use crate::error::{Error, ErrorKind, Result};
+use crate::fuse::transport::{self, Transport};
 use crate::fuse::{ImgFs, Ownership};
 use crate::image::{Image, OpenOpts, DEFAULT_CACHE_SIZE};
 use clap::Args;
@@ -58,6 +59,10 @@ pub struct MountArgs {
     /// but that I/O bypasses imgfs (no statistics). Needs --format raw or --read-only.
     #[arg(long)]
     pub passthrough: bool,
+    /// How requests reach imgfs: uring (FUSE-over-io_uring), dev (/dev/fuse reads and writes),
+    /// or auto (io_uring when the kernel offers it, else dev).
+    #[arg(long, value_enum, default_value_t = Transport::Auto, env = "IMGFS_TRANSPORT")]
+    pub transport: Transport,
     /// Image files, or directories whose image files are all exposed; then the mountpoint.
     #[arg(required = true, num_args = 2.., value_name = "PATH")]
     pub paths: Vec<PathBuf>,
@@ -88,6 +93,7 @@ fn mount(args: &MountArgs) -> Result<i32> {
     if args.poll_us > 1000 {
         return Err(Error::invalid("--poll-us must be at most 1000"));
     }
+    transport::check_requested(args.transport)?;
     if args.allow_other && !daemon::is_root() && !daemon::user_allow_other() {
         return Err(Error::new(
             ErrorKind::Permission,
@@ -141,6 +147,7 @@ fn mount(args: &MountArgs) -> Result<i32> {
     config.acl = acl;
     config.n_threads = Some(args.threads);
     config.clone_fd = true;
+    config.io_uring = args.transport != Transport::Dev;
     config.poll_before_read =
         (args.poll_us > 0).then(|| std::time::Duration::from_micros(args.poll_us));
     let session = match fuser::Session::from_fd(fs, dev, acl, config) {
@@ -153,7 +160,15 @@ fn mount(args: &MountArgs) -> Result<i32> {
             ));
         }
     };
-    log::info!("mounted on {}", mountpoint.display());
+    let used = match transport::negotiated(args.transport, session.io_uring_active()) {
+        Ok(t) => t,
+        Err(e) => {
+            drop(session);
+            let _ = daemon::unmount(mountpoint, true);
+            return Err(e);
+        }
+    };
+    log::info!("mounted on {} ({used} transport)", mountpoint.display());
     daemon::watch_signals(signals, mountpoint.to_path_buf());
     daemon::notify_ready();
     // Runs until unmounted; fuser then calls ImgFs::destroy, which flushes and closes images.

@@ -16,7 +16,7 @@ pub fn run(args: UmountArgs) -> i32 {
     let mp = &args.mountpoint;
     let pid = match daemon_pid(mp) {
         Ok(pid) => pid,
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+        Err(e) if daemon::is_dead_connection(&e) => {
             // The daemon is gone (killed): just remove the dead mount.
             return match daemon::unmount(mp, true) {
                 Ok(()) => {

@@ -4,6 +4,7 @@
 
 pub mod dir;
 mod splice;
+pub mod transport;
 
 use crate::error::Error;
 use crate::image::Image;
@@ -444,6 +445,14 @@ impl Filesystem for ImgFs {
             return reply.data(&[]);
         }
         let n = (end - offset) as usize;
+        let mut reply = reply;
+        // io_uring transport: read straight into the ring entry's payload buffer.
+        if let Some(buf) = reply.payload_buffer().filter(|b| b.len() >= n) {
+            return match image.read_at(&mut buf[..n], offset) {
+                Ok(()) => reply.sent_in_buffer(n),
+                Err(e) => reply.error(errno(&e)),
+            };
+        }
         if n >= splice::MIN_SPLICE && self.try_splice(image, offset, n, &reply) {
             return reply.sent_by_caller();
         }

@@ -214,7 +214,8 @@ impl Mount {
     }
 
     pub fn try_new(images: &[&Path], dir: &Path, extra: &[&str]) -> Result<Mount, String> {
-        if !dir.exists() {
+        // Not `exists()`: a dead mount left by a killed daemon fails stat without being absent.
+        if std::fs::metadata(dir).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound) {
             std::fs::create_dir_all(dir).unwrap();
         }
         let mut args: Vec<String> = vec!["mount".into()];

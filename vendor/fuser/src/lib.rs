@@ -101,6 +101,9 @@ mod request;
 mod request_param;
 mod session;
 mod time;
+// imgfs addition: FUSE-over-io_uring transport.
+#[cfg(target_os = "linux")]
+mod uring;
 
 /// We generally support async reads
 #[cfg(not(target_os = "macos"))]

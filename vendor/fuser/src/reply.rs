@@ -38,6 +38,8 @@ use crate::passthrough::BackingId;
 #[derive(Debug)]
 pub(crate) enum ReplySender {
     Channel(ChannelSender),
+    /// imgfs addition: into an io_uring ring entry (see `uring.rs`).
+    Uring(crate::uring::UringReply),
     #[cfg(test)]
     Assert(AssertSender),
     #[cfg(test)]
@@ -49,6 +51,7 @@ impl ReplySender {
     pub(crate) fn send(&self, data: &[IoSlice<'_>]) -> std::io::Result<()> {
         match self {
             ReplySender::Channel(sender) => sender.send(data),
+            ReplySender::Uring(u) => u.slot.send(data),
             #[cfg(test)]
             ReplySender::Assert(sender) => sender.send(data),
             #[cfg(test)]
@@ -63,6 +66,7 @@ impl ReplySender {
     pub(crate) fn open_backing(&self, fd: BorrowedFd<'_>) -> std::io::Result<BackingId> {
         match self {
             ReplySender::Channel(sender) => sender.open_backing(fd),
+            ReplySender::Uring(u) => u.dev.open_backing(fd),
             #[cfg(test)]
             ReplySender::Assert(_) => unreachable!(),
             #[cfg(test)]
@@ -74,6 +78,7 @@ impl ReplySender {
     pub(crate) unsafe fn wrap_backing(&self, id: u32) -> BackingId {
         match self {
             ReplySender::Channel(sender) => unsafe { sender.wrap_backing(id) },
+            ReplySender::Uring(u) => unsafe { u.dev.wrap_backing(id) },
             #[cfg(test)]
             ReplySender::Assert(_) => unreachable!(),
             #[cfg(test)]
@@ -215,8 +220,28 @@ impl ReplyData {
     pub fn device_target(&self) -> Option<(BorrowedFd<'_>, u64)> {
         match self.reply.sender.as_ref()? {
             ReplySender::Channel(sender) => Some((sender.device(), self.reply.unique.0)),
-            #[cfg(test)]
             _ => None,
+        }
+    }
+
+    /// (imgfs addition) When the reply goes into an io_uring entry: its payload buffer, for
+    /// reading the data straight into it (then `sent_in_buffer`). `None` otherwise.
+    pub fn payload_buffer(&mut self) -> Option<&mut [u8]> {
+        match self.reply.sender.as_ref()? {
+            ReplySender::Uring(u) => u.slot.payload_buffer(),
+            _ => None,
+        }
+    }
+
+    /// (imgfs addition) Reply with the first `n` bytes of `payload_buffer()`.
+    pub fn sent_in_buffer(mut self, n: usize) {
+        match self.reply.sender.take() {
+            Some(ReplySender::Uring(u)) => u.slot.send_in_place(self.reply.unique.0, n),
+            other => {
+                // Not an io_uring reply: there is no such buffer; fail the request.
+                self.reply.sender = other;
+                self.reply.error(ll::Errno::EIO);
+            }
         }
     }
 

@@ -139,6 +139,8 @@ pub struct Session<FS: Filesystem> {
     /// The field is set to `Some` when the init message is received.
     pub(crate) proto_version: Option<Version>,
     pub(crate) config: Config,
+    /// imgfs addition: ring threads to start when FUSE_INIT negotiated FUSE_OVER_IO_URING.
+    uring: Option<crate::uring::UringPool>,
 }
 
 impl<FS: Filesystem> AsFd for Session<FS> {
@@ -186,6 +188,7 @@ impl<FS: Filesystem> Session<FS> {
             session_owner: geteuid(),
             proto_version: None,
             config: options.clone(),
+            uring: None,
         };
 
         session.handshake()?;
@@ -214,6 +217,7 @@ impl<FS: Filesystem> Session<FS> {
             session_owner: geteuid(),
             proto_version: None,
             config,
+            uring: None,
         };
 
         session.handshake()?;
@@ -252,9 +256,16 @@ impl<FS: Filesystem> Session<FS> {
             session_owner,
             proto_version: _,
             config,
+            uring,
         } = self;
 
-        let n_threads = config.n_threads.unwrap_or(1);
+        // imgfs addition: with io_uring, ring threads serve requests and one /dev/fuse reader
+        // takes what still comes that way (forgets, interrupts).
+        let n_threads = if uring.is_some() {
+            1
+        } else {
+            config.n_threads.unwrap_or(1)
+        };
 
         if !cfg!(target_os = "linux") && n_threads != 1 {
             // TODO: check whether it works on macOS/FreeBSD and enable if it works.
@@ -289,6 +300,18 @@ impl<FS: Filesystem> Session<FS> {
         channels.push(ch);
 
         let mut threads = Vec::with_capacity(n_threads);
+
+        if let Some(pool) = uring {
+            let make_loop = |thread_name: String| SessionEventLoop {
+                thread_name,
+                filesystem: filesystem.clone(),
+                ch: channels[0].clone(),
+                allowed,
+                session_owner,
+                poll_before_read: None,
+            };
+            threads.extend(crate::uring::spawn(pool, make_loop, &channels[0])?);
+        }
 
         for (i, ch) in channels.into_iter().enumerate() {
             let thread_name = format!("fuser-{i}");
@@ -433,6 +456,27 @@ impl<FS: Filesystem> Session<FS> {
             // Remember the ABI version supported by kernel and mark the session initialized.
             self.proto_version = Some(v);
 
+            // imgfs addition: FUSE-over-io_uring, when asked for and offered. The rings are made
+            // before it is negotiated: once it is, the kernel holds every request until each
+            // queue has an entry.
+            if self.config.io_uring
+                && init.capabilities().contains(InitFlags::FUSE_OVER_IO_URING)
+            {
+                let page = page_size::get();
+                let payload = (config.max_write as usize)
+                    .max(config.max_pages() as usize * page)
+                    .max(8192);
+                let threads = self.config.n_threads.unwrap_or(1);
+                match crate::uring::UringPool::new(threads, payload) {
+                    Ok(pool) => {
+                        config.requested |= InitFlags::FUSE_OVER_IO_URING;
+                        self.uring = Some(pool);
+                    }
+                    Err(e) => warn!("io_uring unavailable ({e}); serving through /dev/fuse"),
+                }
+            }
+
+
             // Log capability status for debugging
             for bit in 0..64 {
                 let bitflags = InitFlags::from_bits_retain(1 << bit);
@@ -481,6 +525,11 @@ impl<FS: Filesystem> Session<FS> {
     /// Unmount the filesystem
     pub fn unmount(&mut self) -> io::Result<()> {
         self.mount.umount()
+    }
+
+    /// imgfs addition: whether FUSE_INIT negotiated FUSE-over-io_uring (see `Config::io_uring`).
+    pub fn io_uring_active(&self) -> bool {
+        self.uring.is_some()
     }
 
     /// Returns a thread-safe object that can be used to unmount the Filesystem

@@ -22,6 +22,10 @@ pub struct Config {
     /// polls the device without sleeping for this long. A request arriving meanwhile is taken
     /// without the wake-up of a sleeping thread (and, in a VM, of a halted vCPU).
     pub poll_before_read: Option<std::time::Duration>,
+    /// imgfs addition: serve requests through FUSE-over-io_uring when the kernel offers it in
+    /// FUSE_INIT (`Session::io_uring_active` tells whether it did); `n_threads` ring threads
+    /// (at least one per online CPU) then serve, next to one `/dev/fuse` reader.
+    pub io_uring: bool,
 }
 
 /// Mount options accepted by the FUSE filesystem type
