@@ -1,33 +1,118 @@
 #!/usr/bin/env bash
-# Seed corpora for the cargo-fuzz targets: small images of each format made by qemu-img.
+# Seed corpora for the cargo-fuzz targets: small real images of every subformat, made by qemu-img,
+# qemu-io and imgfs create. Images are kept small (512-byte or 4 KiB clusters, a few KiB of data)
+# because libFuzzer's cost per execution grows with the input size.
+#
+# open_vhdx takes a sparse encoding (fuzz/fuzz_targets/common.rs: records of a 2-byte 4 KiB block
+# index and 4 KiB of bytes) because a VHDX file is 4-8 MiB with only a handful of non-zero blocks:
+# the seeds hold just those blocks (~30 KiB instead of 8 MiB).
 set -euo pipefail
-cd "$(dirname "$0")/../fuzz"
+cd "$(dirname "$0")/.."
+imgfs=${IMGFS:-target/release/imgfs}
+[ -x "$imgfs" ] || cargo build --release --bin imgfs >&2
+imgfs=$(realpath "$imgfs")
+cd fuzz
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-head -c 65536 /dev/urandom > "$tmp/data"
-for fmt in qcow2 qed qcow vhdx vpc vdi; do
-  dir=corpus/open_$fmt
-  mkdir -p "$dir"
-  i=0
-  for opts in "" "cluster_size=4096" "cluster_size=512" "lazy_refcounts=on" "extended_l2=on" "table_size=1" "block_size=1M" "compat=0.10" "subformat=fixed" "force_size=on" "static=on"; do
-    img="$tmp/s$i.$fmt"
+head -c 16384 /dev/urandom > "$tmp/data"
+fill() { # fill FMT IMG: a little data, a zero range and (where the format has them) compressed clusters
+  qemu-io -f "$1" -c "write -s $tmp/data 4096 8192" -c "write -z 65536 4096" "$2" >/dev/null 2>&1 || true
+}
+i=0
+add() { # add TARGET FILE
+  mkdir -p "corpus/$1"
+  cp "$2" "corpus/$1/seed$i"
+  i=$((i + 1))
+}
+# qcow2: v2/v3, cluster sizes, refcount widths, lazy refcounts, subclusters, zlib/zstd compressed
+# clusters, an internal snapshot, bitmaps, a backing file name, an external data file.
+for opts in "compat=0.10,cluster_size=512" "cluster_size=512" "cluster_size=4096" "cluster_size=4096,refcount_bits=1" \
+            "cluster_size=4096,refcount_bits=64" "cluster_size=4096,lazy_refcounts=on" "cluster_size=16k,extended_l2=on" \
+            "cluster_size=4096,compression_type=zstd" "cluster_size=65536"; do
+  img="$tmp/q.qcow2"
+  qemu-img create -q -f qcow2 -o "$opts" "$img" 1M
+  fill qcow2 "$img"
+  qemu-io -f qcow2 -c "write -c -s $tmp/data 131072 65536" "$img" >/dev/null 2>&1 || true
+  add open_qcow2 "$img"
+done
+img="$tmp/q.qcow2"
+qemu-img create -q -f qcow2 -o cluster_size=4096 "$img" 1M
+fill qcow2 "$img"
+qemu-img snapshot -c s1 "$img"
+qemu-io -f qcow2 -c "write -s $tmp/data 4096 4096" "$img" >/dev/null
+qemu-img bitmap --add "$img" b1
+add open_qcow2 "$img"
+qemu-img create -q -f qcow2 -o cluster_size=4096 -b q.qcow2 -F qcow2 "$tmp/child.qcow2" 1M
+add open_qcow2 "$tmp/child.qcow2"
+qemu-img create -q -f qcow2 -o cluster_size=4096,data_file="$tmp/ext.raw" "$tmp/ext.qcow2" 1M
+add open_qcow2 "$tmp/ext.qcow2"
+echo "corpus/open_qcow2: $(ls corpus/open_qcow2 | wc -l) seeds"
+# QED: cluster and table sizes, a backing file name.
+for opts in "cluster_size=4096" "cluster_size=4096,table_size=1" "cluster_size=65536"; do
+  img="$tmp/e.qed"
+  qemu-img create -q -f qed -o "$opts" "$img" 1M
+  fill qed "$img"
+  add open_qed "$img"
+done
+truncate -s 1M "$tmp/base.raw"
+qemu-img create -q -f qed -o cluster_size=4096 -b base.raw -F raw "$tmp/c.qed" 1M
+fill qed "$tmp/c.qed"
+add open_qed "$tmp/c.qed"
+echo "corpus/open_qed: $(ls corpus/open_qed | wc -l) seeds"
+# qcow v1: plain, compressed clusters, a backing file name.
+qemu-img create -q -f qcow "$tmp/p.qcow" 1M
+fill qcow "$tmp/p.qcow"
+add open_qcow "$tmp/p.qcow"
+qemu-img convert -c -f qcow -O qcow "$tmp/p.qcow" "$tmp/z.qcow" 2>/dev/null || true
+add open_qcow "$tmp/z.qcow"
+qemu-img create -q -f qcow -b base.raw -F raw "$tmp/c.qcow" 1M
+fill qcow "$tmp/c.qcow"
+add open_qcow "$tmp/c.qcow"
+echo "corpus/open_qcow: $(ls corpus/open_qcow | wc -l) seeds"
+# VHDX: dynamic, fixed, 4096-byte sectors, differencing (sector bitmaps), a larger block size.
+sparse() { # sparse IMG OUT: the non-zero 4 KiB blocks as (u16 LE index, 4 KiB) records
+  python3 - "$1" "$2" <<'PY'
+import struct, sys
+d = open(sys.argv[1], 'rb').read()
+out = bytearray()
+for i in range(0, len(d), 4096):
+    blk = d[i:i + 4096]
+    if any(blk) or i + 4096 >= len(d):  # the last block too: it sets the file length
+        out += struct.pack('<H', i // 4096) + blk.ljust(4096, b'\0')
+open(sys.argv[2], 'wb').write(out)
+PY
+}
+vx() { # vx IMG: add the sparse form of IMG to open_vhdx
+  sparse "$1" "$tmp/sparse"
+  add open_vhdx "$tmp/sparse"
+}
+qemu-img create -q -f vhdx -o block_size=1M "$tmp/d.vhdx" 1M; fill vhdx "$tmp/d.vhdx"; vx "$tmp/d.vhdx"
+qemu-img create -q -f vhdx -o block_size=8M,log_size=1M "$tmp/b.vhdx" 4M; fill vhdx "$tmp/b.vhdx"; vx "$tmp/b.vhdx"
+qemu-img create -q -f vhdx -o subformat=fixed,block_size=1M "$tmp/f.vhdx" 1M; vx "$tmp/f.vhdx"
+"$imgfs" create -f vhdx -o logical_sector_size=4096,block_size=1M "$tmp/k.vhdx" 1M >/dev/null; vx "$tmp/k.vhdx"
+cp "$tmp/d.vhdx" "$tmp/parent.vhdx"
+"$imgfs" create -f vhdx -b parent.vhdx "$tmp/diff.vhdx" >/dev/null
+mkdir -p "$tmp/m"
+"$imgfs" mount "$tmp/diff.vhdx" "$tmp/m" && { dd if="$tmp/data" of="$tmp/m/diff.raw" bs=512 seek=3 count=5 conv=notrunc,fsync status=none; "$imgfs" umount "$tmp/m"; }
+vx "$tmp/diff.vhdx"
+echo "corpus/open_vhdx: $(ls corpus/open_vhdx | wc -l) seeds"
+# VHD (vpc) and VDI: dynamic, fixed/static, force_size.
+for fmt in vpc vdi; do
+  for opts in "" "subformat=fixed" "force_size=on" "static=on"; do
+    img="$tmp/v.$fmt"
+    rm -f "$img"
     qemu-img create -q -f "$fmt" ${opts:+-o "$opts"} "$img" 1M 2>/dev/null || continue
-    qemu-io -f "$fmt" -c "write -s $tmp/data 4096 65536" -c "write -z 512k 4096" "$img" >/dev/null 2>&1 || true
-    cp "$img" "$dir/seed$i"
-    i=$((i + 1))
+    fill "$fmt" "$img"
+    add "open_$fmt" "$img"
   done
-  echo "$dir: $i seeds"
+  echo "corpus/open_$fmt: $(ls corpus/open_$fmt | wc -l) seeds"
 done
 # Partition tables: 256 KiB disks partitioned by sfdisk (MBR with a chain of logicals, GPT).
-dir=corpus/partition_table
-mkdir -p "$dir"
-i=0
 for script in \
   'label: dos\nstart=34,size=60,type=83\nstart=100,size=400,type=5\nstart=102,size=20\nstart=130,size=20\nstart=160,size=20\n' \
   'label: gpt\nstart=40,size=100,name=a\nstart=140,size=100,name=b\n'; do
   truncate -s 256K "$tmp/p$i"
   printf "$script" | sfdisk -q "$tmp/p$i" >/dev/null
-  cp "$tmp/p$i" "$dir/seed$i"
-  i=$((i + 1))
+  add partition_table "$tmp/p$i"
 done
-echo "$dir: $i seeds"
+echo "corpus/partition_table: $(ls corpus/partition_table | wc -l) seeds"
