@@ -125,6 +125,7 @@ pub fn fix_vhdx_checksums(data: &mut [u8]) {
 
 /// Re-seal the VHD footer copies (offset 0 and the last 512 bytes) and the dynamic header (512
 /// bytes in), so mutations reach the BAT, sector bitmaps and parent locators.
+#[allow(dead_code)]
 pub fn fix_vpc_checksums(data: &mut [u8]) {
     let len = data.len();
     if len < 1536 {
@@ -134,6 +135,8 @@ pub fn fix_vpc_checksums(data: &mut [u8]) {
         data[off + at..off + at + 4].fill(0);
         let sum = data[off..off + n].iter().fold(0u32, |s, &x| s.wrapping_add(x as u32));
         data[off + at..off + at + 4].copy_from_slice(&(!sum).to_be_bytes());
+    }
+}
 
 /// The open_vhdx input: records of a 2-byte little-endian block index (4 KiB units, below 2048:
 /// files up to 8 MiB) and up to 4 KiB of bytes for that block (a later record for the same block

@@ -3,4 +3,4 @@ use libfuzzer_sys::fuzz_target;
 #[path = "common.rs"]
 mod common;
 
-fuzz_target!(|data: &[u8]| common::open_and_read("vdi", data));
+fuzz_target!(|data: &[u8]| common::open_and_read("vdi", common::MemFile::dense(data)));

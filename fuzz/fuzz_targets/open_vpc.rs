@@ -6,5 +6,5 @@ mod common;
 fuzz_target!(|data: &[u8]| {
     let mut data = data.to_vec();
     common::fix_vpc_checksums(&mut data);
-    common::open_and_read("vpc", &data)
+    common::open_and_read("vpc", common::MemFile::dense(&data))
 });
