@@ -12,6 +12,9 @@ use std::collections::BTreeMap;
 pub enum Extent {
     /// Stored in the data file (the image file, or an external data file) at `host`.
     Data { host: u64, len: u64 },
+    /// Stored at `host` in the format's file number `file` (`BlockMap::extent_file`): images
+    /// made of several files (VMDK split and flat extents). `Data` keeps meaning "the data file".
+    InFile { file: u32, host: u64, len: u64 },
     /// Reads as zeros.
     Zero { len: u64 },
     /// Not allocated here: read from the backing image at the same guest offset (zeros when
@@ -25,6 +28,7 @@ impl Extent {
     pub fn len(&self) -> u64 {
         match *self {
             Extent::Data { len, .. }
+            | Extent::InFile { len, .. }
             | Extent::Zero { len }
             | Extent::Backing { len }
             | Extent::Format { len } => len,
@@ -174,8 +178,8 @@ pub trait BlockMap: Send + Sync {
         Err(Error::unsupported("format-served extent not supported").at(off))
     }
 
-    /// Make `[off, off+len)` writable in place and return where (a `Data` extent, possibly
-    /// shorter than `len`). Allocates as the format requires: the rest of a freshly allocated
+    /// Make `[off, off+len)` writable in place and return where (a `Data` or `InFile` extent,
+    /// possibly shorter than `len`). Allocates as the format requires: the rest of a freshly allocated
     /// cluster is filled (from `below`, from the old cluster, or zeros) before this returns, so
     /// the engine only writes the guest bytes.
     fn map_write(&self, off: u64, len: u64, below: &dyn Below) -> Result<Extent>;
@@ -208,6 +212,19 @@ pub trait BlockMap: Send + Sync {
     /// The file `Data` extents point into when it is not the image file itself.
     fn data_file(&self) -> Option<HostFile> {
         None
+    }
+
+    /// The file an `Extent::InFile { file, .. }` points into (opened by the format through
+    /// `OpenCtx::open_sibling`, or the image file itself). None: no such file (a format bug,
+    /// reported as corruption).
+    fn extent_file(&self, _file: u32) -> Option<HostFile> {
+        None
+    }
+
+    /// False when the format serves this image read-only whatever the mount asked (e.g. a
+    /// streamOptimized VMDK); the engine then treats the image as read-only.
+    fn writable(&self) -> bool {
+        true
     }
 
     fn stats(&self) -> FormatStats {

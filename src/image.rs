@@ -4,6 +4,7 @@
 //!
 //! ```text
 //!   read_at(off, len):  map_read -> Data{host}  -> pread data file
+//!                                -> InFile{file, host} -> pread the format's file number `file`
 //!                                -> Zero        -> fill zeros
 //!                                -> Backing     -> backing.read_at (zeros past its end)
 //!                                -> Format      -> map.read_format (compressed clusters)
@@ -188,13 +189,14 @@ impl Image {
             map.check_backing(&b.info()).map_err(|e| e.in_file(path))?;
         }
         let probed_raw = probed && format.name() == "raw";
+        let read_only = opts.read_only || !map.writable();
         Ok(Self::assemble(
             path,
             file,
             map,
             format.name(),
             backing,
-            opts.read_only,
+            read_only,
             probed_raw,
         ))
     }
@@ -374,13 +376,20 @@ impl Image {
 
     fn plan_into(&self, off: u64, len: usize, plan: &mut Vec<ReadPiece>) -> Result<()> {
         let not_plannable = || Error::unsupported("read needs copying");
-        let fd = self.data.raw_fd().ok_or_else(not_plannable)?;
         self.walk_extents(off, len, |pos, n, ext| {
             match ext {
                 Extent::Data { host, .. } => push_piece(
                     plan,
                     ReadPiece::Host {
-                        fd,
+                        fd: self.data.raw_fd().ok_or_else(not_plannable)?,
+                        off: host,
+                        len: n,
+                    },
+                ),
+                Extent::InFile { file, host, .. } => push_piece(
+                    plan,
+                    ReadPiece::Host {
+                        fd: self.extent_file(file)?.raw_fd().ok_or_else(not_plannable)?,
                         off: host,
                         len: n,
                     },
@@ -433,6 +442,9 @@ impl Image {
             let part = &mut buf[(pos - off) as usize..][..n];
             match ext {
                 Extent::Data { host, .. } => self.read_data(part, host, pos),
+                Extent::InFile { file, host, .. } => {
+                    self.extent_file(file)?.read_zerofill(part, host)
+                }
                 Extent::Zero { .. } => {
                     part.fill(0);
                     Ok(())
@@ -441,6 +453,13 @@ impl Image {
                 Extent::Format { .. } => self.map.read_format(pos, part),
             }
         })
+    }
+
+    /// The file an `InFile` extent names.
+    fn extent_file(&self, file: u32) -> Result<HostFile> {
+        self.map
+            .extent_file(file)
+            .ok_or_else(|| Error::corrupt(format!("block map named unknown file number {file}")))
     }
 
     /// Read a `Data` extent. Past the end of the file reads zeros (a freshly allocated cluster
@@ -482,14 +501,18 @@ impl Image {
             let pos = off + done as u64;
             let want = (buf.len() - done) as u64;
             let ext = self.map.map_write(pos, want, self)?;
-            let Extent::Data { host, len } = ext else {
-                return Err(Error::corrupt(format!("map_write gave {ext:?}")).at(pos));
-            };
-            let n = len.min(want) as usize;
+            let n = ext.len().min(want) as usize;
             if n == 0 {
                 return Err(Error::corrupt("block map returned an empty extent").at(pos));
             }
-            self.data.write_all_at(&buf[done..done + n], host)?;
+            match ext {
+                Extent::Data { host, .. } => self.data.write_all_at(&buf[done..done + n], host)?,
+                Extent::InFile { file, host, .. } => {
+                    self.extent_file(file)?
+                        .write_all_at(&buf[done..done + n], host)?
+                }
+                _ => return Err(Error::corrupt(format!("map_write gave {ext:?}")).at(pos)),
+            }
             done += n;
         }
         Ok(())
@@ -648,7 +671,7 @@ impl Image {
             let ext = self.map.map_status(off, self.size - off)?;
             let n = ext.len().max(1);
             let is_data = match ext {
-                Extent::Data { .. } | Extent::Format { .. } => Some(true),
+                Extent::Data { .. } | Extent::InFile { .. } | Extent::Format { .. } => Some(true),
                 Extent::Zero { .. } => Some(false),
                 Extent::Backing { .. } => None,
             };

@@ -8,6 +8,7 @@ pub mod qcow2;
 pub mod qed;
 pub mod raw;
 pub mod vhdx;
+pub mod vmdk;
 
 /// Every known format, probed in this order, one per line.
 static FORMATS: &[&dyn Format] = &[
@@ -15,6 +16,7 @@ static FORMATS: &[&dyn Format] = &[
     &qcow::Qcow,
     &qed::Qed,
     &vhdx::Vhdx,
+    &vmdk::Vmdk,
     &raw::Raw, // no magic: must stay last
 ];
 
