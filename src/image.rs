@@ -42,6 +42,20 @@ pub struct OpenOpts {
     pub max_chain: usize,
     /// Take QEMU-compatible OFD locks.
     pub lock: bool,
+    /// Files a format names (extents, data files) already open, by resolved path: the crash
+    /// simulator serves multi-file images from `FaultFile`s this way.
+    pub preopened: Preopened,
+}
+
+/// Host files handed to `Image::open` instead of opening these paths (see `OpenOpts`).
+#[derive(Clone, Default)]
+pub struct Preopened(pub Option<Arc<std::collections::HashMap<PathBuf, HostFile>>>);
+
+impl std::fmt::Debug for Preopened {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.0.as_ref().map_or(0, |m| m.len());
+        write!(f, "Preopened({n} files)")
+    }
 }
 
 impl Default for OpenOpts {
@@ -53,6 +67,7 @@ impl Default for OpenOpts {
             allow_backing_outside: false,
             max_chain: DEFAULT_MAX_CHAIN,
             lock: true,
+            preopened: Preopened::default(),
         }
     }
 }
@@ -166,6 +181,9 @@ impl Image {
         let open_sibling = |name: &str| -> Result<HostFile> {
             let p = resolve_named_file(&dir, name, opts.allow_backing_outside)
                 .map_err(|e| e.in_file(path))?;
+            if let Some(f) = opts.preopened.0.as_ref().and_then(|m| m.get(&p)) {
+                return Ok(f.clone());
+            }
             let f = HostFile::open(&p, !opts.read_only)?;
             if opts.lock {
                 lock::acquire(&f, LockMode::for_access(!opts.read_only))?;
@@ -507,10 +525,9 @@ impl Image {
             }
             match ext {
                 Extent::Data { host, .. } => self.data.write_all_at(&buf[done..done + n], host)?,
-                Extent::InFile { file, host, .. } => {
-                    self.extent_file(file)?
-                        .write_all_at(&buf[done..done + n], host)?
-                }
+                Extent::InFile { file, host, .. } => self
+                    .extent_file(file)?
+                    .write_all_at(&buf[done..done + n], host)?,
                 _ => return Err(Error::corrupt(format!("map_write gave {ext:?}")).at(pos)),
             }
             done += n;

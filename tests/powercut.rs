@@ -27,6 +27,7 @@ fn variants(fmt: &str) -> Vec<(&'static str, &'static str)> {
         "qed" => vec![("cluster_size=4096", "4M")],
         "qcow" => vec![("", "4M")],
         "vhdx" => vec![("block_size=1M,log_size=1M", "8M")],
+        "vmdk" => vec![("", "4M"), ("zeroed_grain=on", "4M")],
         _ => vec![],
     }
 }
@@ -128,4 +129,9 @@ fn powercut_qcow() {
 #[test]
 fn powercut_vhdx() {
     powercut("vhdx");
+}
+
+#[test]
+fn powercut_vmdk() {
+    powercut("vmdk");
 }

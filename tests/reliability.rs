@@ -215,3 +215,8 @@ fn kill9_qcow() {
 fn kill9_vhdx() {
     kill_many("vhdx", 5);
 }
+
+#[test]
+fn kill9_vmdk() {
+    kill_many("vmdk", 5);
+}

@@ -42,7 +42,15 @@ fn ranges(size: u64) -> Vec<(u64, u64)> {
 /// extent boundaries, a zero write, a pattern.
 fn make(dir: &Path, name: &str, opts: &str, size: u64, seed: u64) -> PathBuf {
     let img = dir.join(name);
-    qemu_img(&["create", "-f", "vmdk", "-o", opts, p(&img), &size.to_string()]);
+    qemu_img(&[
+        "create",
+        "-f",
+        "vmdk",
+        "-o",
+        opts,
+        p(&img),
+        &size.to_string(),
+    ]);
     let data = write_file(dir, &format!("{name}.data"), &random_bytes(seed, 300_000));
     let d = p(&data);
     let e = 2048 * MIB;
@@ -77,7 +85,11 @@ fn assert_reads(image: &Image, expect: &Path, what: &str) {
     for (off, len) in ranges(image.size()) {
         let mut got = vec![0u8; len as usize];
         image.read_at(&mut got, off).unwrap();
-        assert_same(&got, &pread(expect, off, len as usize), &format!("{what} @{off:#x}"));
+        assert_same(
+            &got,
+            &pread(expect, off, len as usize),
+            &format!("{what} @{off:#x}"),
+        );
     }
 }
 
@@ -86,7 +98,10 @@ const SUBFORMATS: &[(&str, u64)] = &[
     ("subformat=monolithicFlat", 16 * MIB),
     ("subformat=twoGbMaxExtentSparse", SPLIT_SIZE),
     ("subformat=twoGbMaxExtentFlat", SPLIT_SIZE),
-    ("subformat=monolithicSparse,zeroed_grain=on,compat6=on", 16 * MIB),
+    (
+        "subformat=monolithicSparse,zeroed_grain=on,compat6=on",
+        16 * MIB,
+    ),
 ];
 
 #[test]
@@ -108,9 +123,23 @@ fn reads_match_qemu_every_subformat() {
 /// A streamOptimized VMDK as QEMU converts it, and the same with its grain directory moved to
 /// the footer as VMware's exports write it.
 fn make_stream(dir: &Path, name: &str, seed: u64) -> PathBuf {
-    let src = make(dir, &format!("{name}.src.vmdk"), "subformat=monolithicSparse", 16 * MIB, seed);
+    let src = make(
+        dir,
+        &format!("{name}.src.vmdk"),
+        "subformat=monolithicSparse",
+        16 * MIB,
+        seed,
+    );
     let img = dir.join(name);
-    qemu_img(&["convert", "-O", "vmdk", "-o", "subformat=streamOptimized", p(&src), p(&img)]);
+    qemu_img(&[
+        "convert",
+        "-O",
+        "vmdk",
+        "-o",
+        "subformat=streamOptimized",
+        p(&src),
+        p(&img),
+    ]);
     img
 }
 
@@ -138,10 +167,16 @@ fn stream_optimized_reads_and_is_served_read_only() {
     footer_layout(&img, &vmw);
     // QEMU reads the footer layout too: both must agree with it.
     let expect_vmw = expect_file(&vmw);
-    assert_eq!(std::fs::read(&expect).unwrap(), std::fs::read(&expect_vmw).unwrap());
+    assert_eq!(
+        std::fs::read(&expect).unwrap(),
+        std::fs::read(&expect_vmw).unwrap()
+    );
     for (f, e) in [(&img, &expect), (&vmw, &expect_vmw)] {
         let image = Image::open(f, &rw()).unwrap();
-        assert!(image.is_read_only(), "streamOptimized must be served read-only");
+        assert!(
+            image.is_read_only(),
+            "streamOptimized must be served read-only"
+        );
         assert_reads(&image, e, "stream");
         let err = image.write_at(&[1], 0).unwrap_err();
         assert_eq!(err.kind(), imgfs::error::ErrorKind::ReadOnly);
@@ -194,7 +229,13 @@ fn write_and_verify(img: &Path, expect: &Path, size: u64) {
 fn writes_pass_qemu_check_and_compare() {
     let dir = tmpdir();
     for (i, (opts, size)) in SUBFORMATS.iter().enumerate() {
-        let img = make(dir.path(), &format!("w{i}.vmdk"), opts, *size, 10 + i as u64);
+        let img = make(
+            dir.path(),
+            &format!("w{i}.vmdk"),
+            opts,
+            *size,
+            10 + i as u64,
+        );
         let expect = expect_file(&img);
         write_and_verify(&img, &expect, *size);
     }
@@ -209,7 +250,13 @@ fn cid(img: &Path) -> u64 {
 #[test]
 fn delta_disk_over_parent_and_cid_linkage() {
     let dir = tmpdir();
-    let base = make(dir.path(), "base.vmdk", "subformat=monolithicSparse", 16 * MIB, 20);
+    let base = make(
+        dir.path(),
+        "base.vmdk",
+        "subformat=monolithicSparse",
+        16 * MIB,
+        20,
+    );
     for zeroed in ["off", "on"] {
         delta_over(dir.path(), &base, zeroed);
     }
@@ -223,7 +270,18 @@ fn delta_disk_over_parent_and_cid_linkage() {
 fn delta_over(dir: &Path, base: &Path, zeroed: &str) {
     let child = dir.join(format!("child-{zeroed}.vmdk"));
     let o = format!("zeroed_grain={zeroed}");
-    qemu_img(&["create", "-f", "vmdk", "-o", &o, "-b", "base.vmdk", "-F", "vmdk", p(&child)]);
+    qemu_img(&[
+        "create",
+        "-f",
+        "vmdk",
+        "-o",
+        &o,
+        "-b",
+        "base.vmdk",
+        "-F",
+        "vmdk",
+        p(&child),
+    ]);
     qemu_io("vmdk", &child, &["write -P 0x33 4M 100k"]);
     let base_before = std::fs::read(base).unwrap();
     let expect = expect_file(&child);
@@ -233,7 +291,11 @@ fn delta_over(dir: &Path, base: &Path, zeroed: &str) {
         assert_eq!(image.backing().unwrap().format(), "vmdk");
         assert_reads(&image, &expect, "child");
         // Partial grains over parent data, over the child's own data, and zeroes over both.
-        for (off, len, seed) in [(100, 1000, 1), (4 * MIB + 70_000, 5000, 2), (1_100_000, 70_000, 3)] {
+        for (off, len, seed) in [
+            (100, 1000, 1),
+            (4 * MIB + 70_000, 5000, 2),
+            (1_100_000, 70_000, 3),
+        ] {
             let b = random_bytes(seed, len);
             image.write_at(&b, off).unwrap();
             pwrite(&expect, off, &b).unwrap();
@@ -267,22 +329,45 @@ fn imgfs(args: &[&str]) -> (i32, String) {
 fn create_makes_what_qemu_accepts() {
     let dir = tmpdir();
     let cases = [
-        ("subformat=monolithicSparse,adapter_type=lsilogic", 16 * MIB, "monolithicSparse"),
+        (
+            "subformat=monolithicSparse,adapter_type=lsilogic",
+            16 * MIB,
+            "monolithicSparse",
+        ),
         ("subformat=monolithicFlat", 16 * MIB, "monolithicFlat"),
-        ("subformat=twoGbMaxExtentSparse", SPLIT_SIZE, "twoGbMaxExtentSparse"),
-        ("subformat=twoGbMaxExtentFlat,compat6=on", SPLIT_SIZE, "twoGbMaxExtentFlat"),
+        (
+            "subformat=twoGbMaxExtentSparse",
+            SPLIT_SIZE,
+            "twoGbMaxExtentSparse",
+        ),
+        (
+            "subformat=twoGbMaxExtentFlat,compat6=on",
+            SPLIT_SIZE,
+            "twoGbMaxExtentFlat",
+        ),
         ("zeroed_grain=on", 16 * MIB, "monolithicSparse"),
         ("subformat=streamOptimized", 16 * MIB, "streamOptimized"),
     ];
     for (i, (opts, size, ty)) in cases.into_iter().enumerate() {
         let img = dir.path().join(format!("c{i}.vmdk"));
-        let (code, out) = imgfs(&["create", "-f", "vmdk", "-o", opts, p(&img), &size.to_string()]);
+        let (code, out) = imgfs(&[
+            "create",
+            "-f",
+            "vmdk",
+            "-o",
+            opts,
+            p(&img),
+            &size.to_string(),
+        ]);
         assert_eq!(code, 0, "{opts}: {out}");
         assert_check_clean("vmdk", &img);
         let info = qemu_img(&["info", "--output=json", p(&img)]);
         let v: serde_json::Value = serde_json::from_str(&info).unwrap();
         assert_eq!(v["virtual-size"].as_u64(), Some(size), "{opts}");
-        assert_eq!(v["format-specific"]["data"]["create-type"].as_str(), Some(ty));
+        assert_eq!(
+            v["format-specific"]["data"]["create-type"].as_str(),
+            Some(ty)
+        );
         if ty == "streamOptimized" {
             continue;
         }
@@ -292,13 +377,27 @@ fn create_makes_what_qemu_accepts() {
         assert_eq!(code, 0, "imgfs check {opts}: {out}");
     }
     // A delta disk made by imgfs over a qemu-made parent.
-    let base = make(dir.path(), "b.vmdk", "subformat=monolithicSparse", 16 * MIB, 30);
+    let base = make(
+        dir.path(),
+        "b.vmdk",
+        "subformat=monolithicSparse",
+        16 * MIB,
+        30,
+    );
     let child = dir.path().join("d.vmdk");
     let (code, out) = imgfs(&["create", "-f", "vmdk", "-b", "b.vmdk", p(&child)]);
     assert_eq!(code, 0, "{out}");
     assert_check_clean("vmdk", &child);
     assert_compare("vmdk", &child, &expect_file(&base));
-    let (code, out) = imgfs(&["create", "-f", "vmdk", "-o", "subformat=bogus", p(&child), "1M"]);
+    let (code, out) = imgfs(&[
+        "create",
+        "-f",
+        "vmdk",
+        "-o",
+        "subformat=bogus",
+        p(&child),
+        "1M",
+    ]);
     assert_ne!(code, 0);
     assert!(out.contains("subformat"), "{out}");
 }
@@ -306,7 +405,13 @@ fn create_makes_what_qemu_accepts() {
 #[test]
 fn check_finds_and_repairs_damage() {
     let dir = tmpdir();
-    let img = make(dir.path(), "k.vmdk", "subformat=monolithicSparse", 16 * MIB, 40);
+    let img = make(
+        dir.path(),
+        "k.vmdk",
+        "subformat=monolithicSparse",
+        16 * MIB,
+        40,
+    );
     assert_eq!(imgfs(&["check", p(&img)]).0, 0);
     let mut b = std::fs::read(&img).unwrap();
     let gd = u64::from_le_bytes(b[56..64].try_into().unwrap()) as usize * 512;
@@ -365,12 +470,18 @@ fn hostile_descriptors_and_headers_are_refused() {
     assert_eq!(open_err(&img).kind(), imgfs::error::ErrorKind::Permission);
     // Bounds: too many extents, an over-large descriptor, a huge extent.
     let many = desc(&"RW 1 ZERO\n".repeat(5000));
-    assert!(open_err(&write_file(d, "m.vmdk", many.as_bytes())).to_string().contains("extents"));
+    assert!(open_err(&write_file(d, "m.vmdk", many.as_bytes()))
+        .to_string()
+        .contains("extents"));
     let mut big = desc("RW 1 ZERO").into_bytes();
     big.resize(2 << 20, b'#');
-    assert!(open_err(&write_file(d, "big.vmdk", &big)).to_string().contains("1 MiB"));
+    assert!(open_err(&write_file(d, "big.vmdk", &big))
+        .to_string()
+        .contains("1 MiB"));
     let huge = desc("RW 999999999999999 ZERO");
-    assert!(open_err(&write_file(d, "huge.vmdk", huge.as_bytes())).to_string().contains("64 TiB"));
+    assert!(open_err(&write_file(d, "huge.vmdk", huge.as_bytes()))
+        .to_string()
+        .contains("64 TiB"));
     // Sparse header fields: grain size, GT size, directory outside the file, version.
     let good = make(d, "g.vmdk", "subformat=monolithicSparse", 16 * MIB, 50);
     let base = std::fs::read(&good).unwrap();
@@ -412,7 +523,13 @@ fn hostile_descriptors_and_headers_are_refused() {
 #[test]
 fn mutated_images_never_panic() {
     let dir = tmpdir();
-    let good = make(dir.path(), "f.vmdk", "subformat=monolithicSparse", 4 * MIB, 60);
+    let good = make(
+        dir.path(),
+        "f.vmdk",
+        "subformat=monolithicSparse",
+        4 * MIB,
+        60,
+    );
     let base = std::fs::read(&good).unwrap();
     let stream = make_stream(dir.path(), "fs.vmdk", 61);
     let sbase = std::fs::read(&stream).unwrap();
@@ -443,14 +560,24 @@ fn mutated_images_never_panic() {
 #[test]
 fn split_disk_mounts_and_writes_through_fuse() {
     let dir = tmpdir();
-    let img = make(dir.path(), "m.vmdk", "subformat=twoGbMaxExtentSparse", SPLIT_SIZE, 70);
+    let img = make(
+        dir.path(),
+        "m.vmdk",
+        "subformat=twoGbMaxExtentSparse",
+        SPLIT_SIZE,
+        70,
+    );
     let expect = expect_file(&img);
     {
         let m = Mount::new(&[&img], &dir.path().join("mnt"), &[]);
         let f = m.file("m.raw");
         assert_eq!(std::fs::metadata(&f).unwrap().len(), SPLIT_SIZE);
         let off = 2048 * MIB - 3000;
-        assert_same(&pread(&f, off, 6000), &pread(&expect, off, 6000), "across extents");
+        assert_same(
+            &pread(&f, off, 6000),
+            &pread(&expect, off, 6000),
+            "across extents",
+        );
         let b = random_bytes(71, 100_000);
         pwrite(&f, off, &b).unwrap();
         pwrite(&expect, off, &b).unwrap();

@@ -2,13 +2,13 @@
 //! outside the file, GD/RGD and GT/RGT disagreement, grains inside the metadata or used twice,
 //! and leaked space (bytes past the metadata no table points at).
 //!
-//! Repairs: `-r leaks` punches leaked space (and trims it at the end of the file); `-r all` also
-//! drops entries pointing outside the file or used twice and rewrites a redundant table that
-//! disagrees with its primary.
+//! Repairs: `-r leaks` punches leaked space (and trims it at the end of the file) and brings
+//! redundant tables a crash left out of date up to their primaries; `-r all` also drops entries
+//! pointing outside the file or used twice.
 
 use super::descriptor::{Descriptor, Kind};
-use super::sparse::{read_dir, Header, GTE_ZEROED, SECTOR};
 use super::read_sparse_header;
+use super::sparse::{read_dir, Header, GTE_ZEROED, SECTOR};
 use crate::error::{Error, Result};
 use crate::format::{CheckReport, Repair};
 use crate::formats::le32;
@@ -87,8 +87,9 @@ fn check_sparse(file: &HostFile, h: &Header, repair: Repair, r: &mut CheckReport
         }
         if !fits(s, h.gt_bytes()) {
             r.corruptions += 1;
-            r.messages
-                .push(format!("grain directory entry {i}: table at sector {s} outside the file"));
+            r.messages.push(format!(
+                "grain directory entry {i}: table at sector {s} outside the file"
+            ));
             if all {
                 gd[i] = 0;
                 dirs_changed = true;
@@ -117,8 +118,9 @@ fn check_sparse(file: &HostFile, h: &Header, repair: Repair, r: &mut CheckReport
             match problem {
                 Some(p) => {
                     r.corruptions += 1;
-                    r.messages
-                        .push(format!("grain table {i} entry {j}: grain at sector {g} {p}"));
+                    r.messages.push(format!(
+                        "grain table {i} entry {j}: grain at sector {g} {p}"
+                    ));
                     if all {
                         *e = 0;
                         gt_changed = true;
@@ -135,31 +137,35 @@ fn check_sparse(file: &HostFile, h: &Header, repair: Repair, r: &mut CheckReport
             file.write_all_at(&table_bytes(&gt), s * SECTOR)?;
         }
         if h.has_rgd() {
+            // The redundant copies are written after the primaries; a crash between leaves
+            // them out of date, which costs nothing (reads use the primary): counted with the
+            // leaks and brought up to date by any repair.
+            let stale = |r: &mut CheckReport, what: String| {
+                r.leaks += 1;
+                r.messages.push(what);
+                if repair != Repair::None {
+                    r.leaks_fixed += 1;
+                }
+            };
             if rs == 0 || !fits(rs, h.gt_bytes()) {
-                r.corruptions += 1;
-                r.messages.push(format!(
-                    "redundant grain directory entry {i} ({rs}) disagrees with the directory"
-                ));
-                if all {
-                    // Give the redundant table its own copy past the end of the file.
+                stale(
+                    r,
+                    format!("redundant grain directory entry {i} is out of date"),
+                );
+                if repair != Repair::None {
                     let at = (file.len()?.div_ceil(SECTOR)) * SECTOR;
                     file.write_all_at(&table_bytes(&gt), at)?;
                     rgd[i] = (at / SECTOR) as u32;
                     dirs_changed = true;
                     used.push((at, h.gt_bytes()));
-                    r.corruptions_fixed += 1;
                 }
                 continue;
             }
             used.push((rs * SECTOR, h.gt_bytes()));
             if read_table(file, rs, gtes)? != gt {
-                r.corruptions += 1;
-                r.messages.push(format!(
-                    "grain table {i} and its redundant copy disagree"
-                ));
-                if all {
+                stale(r, format!("redundant grain table {i} is out of date"));
+                if repair != Repair::None {
                     file.write_all_at(&table_bytes(&gt), rs * SECTOR)?;
-                    r.corruptions_fixed += 1;
                 }
             }
         }

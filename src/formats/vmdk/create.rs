@@ -92,7 +92,8 @@ pub fn sparse_layout(sectors: u64, zeroed: bool, compressed: bool) -> Header {
     let gd_sectors = (gt_count * 4).div_ceil(SECTOR);
     let rgd = 1 + DESC_SECTORS;
     let gd = rgd + gd_sectors + gt_sectors * gt_count;
-    let overhead = (gd + gd_sectors + gt_sectors * gt_count).div_ceil(GRAIN_SECTORS) * GRAIN_SECTORS;
+    let overhead =
+        (gd + gd_sectors + gt_sectors * gt_count).div_ceil(GRAIN_SECTORS) * GRAIN_SECTORS;
     let mut flags = FLAG_NL_TEST | FLAG_RGD;
     if zeroed {
         flags |= FLAG_ZERO_GRAIN;
@@ -154,11 +155,12 @@ pub fn create(file: &HostFile, o: &CreateOpts) -> Result<()> {
     }
     let parent_cid = match &o.backing_info {
         None => NO_PARENT,
-        Some(b) if b.format == "vmdk" => b
-            .details
-            .get("cid")
-            .and_then(|v| v.as_u64())
-            .ok_or_else(|| Error::invalid("backing VMDK has no CID"))? as u32,
+        Some(b) if b.format == "vmdk" => {
+            b.details
+                .get("cid")
+                .and_then(|v| v.as_u64())
+                .ok_or_else(|| Error::invalid("backing VMDK has no CID"))? as u32
+        }
         Some(b) => {
             return Err(Error::invalid(format!(
                 "a VMDK's backing file must be a VMDK, not {}",
@@ -166,8 +168,14 @@ pub fn create(file: &HostFile, o: &CreateOpts) -> Result<()> {
             )))
         }
     };
-    if o.backing.is_some() && o.backing_info.as_ref().is_some_and(|b| b.virtual_size != o.size) {
-        return Err(Error::invalid("a VMDK delta disk must have its parent's size"));
+    if o.backing.is_some()
+        && o.backing_info
+            .as_ref()
+            .is_some_and(|b| b.virtual_size != o.size)
+    {
+        return Err(Error::invalid(
+            "a VMDK delta disk must have its parent's size",
+        ));
     }
     let path = file.path();
     let stem = path
@@ -187,7 +195,11 @@ pub fn create(file: &HostFile, o: &CreateOpts) -> Result<()> {
         "monolithicSparse" | "streamOptimized" => vec![(sectors, "SPARSE", own)],
         "monolithicFlat" => vec![(sectors, "FLAT", format!("{stem}-flat.vmdk"))],
         _ => {
-            let (kind, letter) = if sparse { ("SPARSE", 's') } else { ("FLAT", 'f') };
+            let (kind, letter) = if sparse {
+                ("SPARSE", 's')
+            } else {
+                ("FLAT", 'f')
+            };
             let per = SPLIT / SECTOR;
             let n = sectors.div_ceil(per).max(1);
             (0..n)
@@ -211,7 +223,9 @@ pub fn create(file: &HostFile, o: &CreateOpts) -> Result<()> {
     .render();
     if matches!(sub, "monolithicSparse" | "streamOptimized") {
         if desc.len() as u64 > DESC_SECTORS * SECTOR {
-            return Err(Error::invalid("VMDK descriptor does not fit its 20 sectors"));
+            return Err(Error::invalid(
+                "VMDK descriptor does not fit its 20 sectors",
+            ));
         }
         let h = sparse_layout(sectors, opts.zeroed_grain, sub == "streamOptimized");
         return write_sparse(file, &h, Some(&desc));

@@ -287,7 +287,9 @@ impl VmdkMap {
         let new = new_cid(*cid);
         let text = self.desc.with_cid(new);
         if self.desc_loc.room.is_some_and(|r| text.len() as u64 > r) {
-            return Err(Error::corrupt("VMDK descriptor has no room for its new CID"));
+            return Err(Error::corrupt(
+                "VMDK descriptor has no room for its new CID",
+            ));
         }
         let d = &self.desc_loc;
         d.file.write_all_at(text.as_bytes(), d.offset)?;
@@ -384,7 +386,9 @@ impl BlockMap for VmdkMap {
         let (e, rel, _) = self.ext_at(off)?;
         match &e.body {
             Body::Sparse(s) => s.read_compressed(rel, buf),
-            _ => Err(Error::corrupt("VMDK format-served read outside a sparse extent")),
+            _ => Err(Error::corrupt(
+                "VMDK format-served read outside a sparse extent",
+            )),
         }
     }
 

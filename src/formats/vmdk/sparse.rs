@@ -127,7 +127,11 @@ impl Header {
             b[at..at + 8].copy_from_slice(&v.to_le_bytes());
         }
         b[44..48].copy_from_slice(&self.gtes_per_gt.to_le_bytes());
-        for (at, v) in [(48, self.rgd_offset), (56, self.gd_offset), (64, self.overhead)] {
+        for (at, v) in [
+            (48, self.rgd_offset),
+            (56, self.gd_offset),
+            (64, self.overhead),
+        ] {
             b[at..at + 8].copy_from_slice(&v.to_le_bytes());
         }
         b[72] = self.unclean;
@@ -276,10 +280,7 @@ impl Sparse {
             gd,
             rgd,
             gd_dirty: AtomicBool::new(false),
-            alloc: Mutex::new(Alloc {
-                end,
-                file_len,
-            }),
+            alloc: Mutex::new(Alloc { end, file_len }),
             end: AtomicU64::new(end),
             grains_allocated: AtomicU64::new(0),
             file,
@@ -323,7 +324,11 @@ impl Sparse {
             s => {
                 let host = s as u64 * SECTOR;
                 // A compressed grain is shorter than a grain; a plain one must fit.
-                let need = if self.hdr.compressed() { 1 } else { self.grain() };
+                let need = if self.hdr.compressed() {
+                    1
+                } else {
+                    self.grain()
+                };
                 if host + need > end {
                     return Err(Error::corrupt(format!(
                         "VMDK grain table entry points at sector {s}, outside the file"
@@ -351,22 +356,24 @@ impl Sparse {
         let in_grain = off % g;
         let grains = (in_grain + len).div_ceil(g) as usize;
         let compressed = self.hdr.compressed();
-        let (kind, n) = self.cache.with(&self.io, idx, |t| -> Result<(Entry, usize)> {
-            let e0 = self.classify(le32(t, first * 4), end)?;
-            let mut n = 1;
-            while n < grains && !compressed {
-                let e = self.classify(le32(t, (first + n) * 4), end)?;
-                let contiguous = match (e0, e) {
-                    (Entry::Grain(a), Entry::Grain(b)) => b == a + n as u64 * g,
-                    (a, b) => a == b,
-                };
-                if !contiguous {
-                    break;
+        let (kind, n) = self
+            .cache
+            .with(&self.io, idx, |t| -> Result<(Entry, usize)> {
+                let e0 = self.classify(le32(t, first * 4), end)?;
+                let mut n = 1;
+                while n < grains && !compressed {
+                    let e = self.classify(le32(t, (first + n) * 4), end)?;
+                    let contiguous = match (e0, e) {
+                        (Entry::Grain(a), Entry::Grain(b)) => b == a + n as u64 * g,
+                        (a, b) => a == b,
+                    };
+                    if !contiguous {
+                        break;
+                    }
+                    n += 1;
                 }
-                n += 1;
-            }
-            Ok((e0, n))
-        })??;
+                Ok((e0, n))
+            })??;
         let run = (n as u64 * g - in_grain).min(len);
         Ok((kind, run))
     }

@@ -28,13 +28,14 @@ pub fn effective_header(file: &HostFile, hdr: Header) -> Result<Header> {
     }
     let len = file.len()?;
     if len < 4 * SECTOR {
-        return Err(Error::corrupt("streamOptimized VMDK too short for its footer"));
+        return Err(Error::corrupt(
+            "streamOptimized VMDK too short for its footer",
+        ));
     }
     let mut b = vec![0u8; 3 * SECTOR as usize];
     file.read_exact_at(&mut b, len - 3 * SECTOR)?;
-    let marker_ok = |m: &[u8], ty: u32| {
-        crate::formats::le64(m, 0) == 0 && le32(m, 8) == 0 && le32(m, 12) == ty
-    };
+    let marker_ok =
+        |m: &[u8], ty: u32| crate::formats::le64(m, 0) == 0 && le32(m, 8) == 0 && le32(m, 12) == ty;
     if !marker_ok(&b[..512], MARKER_FOOTER) || !marker_ok(&b[1024..], MARKER_EOS) {
         return Err(Error::corrupt(
             "streamOptimized VMDK has its grain directory at the end but no valid footer",
@@ -42,7 +43,9 @@ pub fn effective_header(file: &HostFile, hdr: Header) -> Result<Header> {
     }
     let footer = Header::parse(&b[512..1024])?;
     if footer.gd_offset == GD_AT_END {
-        return Err(Error::corrupt("streamOptimized VMDK footer has no grain directory"));
+        return Err(Error::corrupt(
+            "streamOptimized VMDK footer has no grain directory",
+        ));
     }
     Ok(footer)
 }
@@ -70,7 +73,11 @@ pub fn read_grain(file: &HostFile, hdr: &Header, host: u64) -> Result<Vec<u8>> {
     // One spare byte: a grain that inflates to more than a grain fills it.
     let mut out = vec![0u8; grain + 1];
     let mut z = Decompress::new(true);
-    let bad = || Error::corrupt(format!("VMDK compressed grain at {host:#x} does not inflate"));
+    let bad = || {
+        Error::corrupt(format!(
+            "VMDK compressed grain at {host:#x} does not inflate"
+        ))
+    };
     match z.decompress(&packed, &mut out, FlushDecompress::Finish) {
         Ok(Status::StreamEnd) if z.total_out() as usize <= grain => {}
         _ => return Err(bad()),
