@@ -154,6 +154,40 @@ impl Image {
         Self::open_at_depth(path, opts, 0)
     }
 
+    /// Open an image file, or each disk of an OVA appliance (a tar archive of VMDKs, served
+    /// read-only from inside it) when the format is not forced.
+    pub fn open_all(path: &Path, opts: &OpenOpts) -> Result<Vec<Image>> {
+        use crate::formats::vmdk::ova;
+        let file = HostFile::open(path, false)?;
+        let mut head = [0u8; 512];
+        let n = file.read_at(&mut head, 0)?;
+        if opts.format.is_some() || !ova::is_tar(&head[..n]) {
+            drop(file);
+            return Ok(vec![Self::open(path, opts)?]);
+        }
+        if opts.lock {
+            lock::acquire(&file, LockMode::for_access(false))?;
+        }
+        let disks = ova::disks(&file).map_err(|e| e.in_file(path))?;
+        if disks.is_empty() {
+            return Err(Error::invalid("OVA archive holds no .vmdk disk").in_file(path));
+        }
+        let member_opts = OpenOpts {
+            read_only: true,
+            format: Some("vmdk".into()),
+            lock: false,
+            ..opts.clone()
+        };
+        disks
+            .iter()
+            .map(|m| {
+                Self::open_host(ova::member_file(&file, m), &member_opts).map_err(|e| {
+                    Error::new(e.kind(), format!("OVA member {}: {e}", m.name)).in_file(path)
+                })
+            })
+            .collect()
+    }
+
     fn open_at_depth(path: &Path, opts: &OpenOpts, depth: usize) -> Result<Image> {
         let file = HostFile::open(path, !opts.read_only)?;
         if opts.lock {

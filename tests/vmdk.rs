@@ -587,3 +587,62 @@ fn split_disk_mounts_and_writes_through_fuse() {
     assert_check_clean("vmdk", &img);
     assert_compare("vmdk", &img, &expect);
 }
+
+#[test]
+fn ova_appliance_mounts_without_extracting() {
+    let dir = tmpdir();
+    let d = dir.path();
+    let s1 = make_stream(d, "disk1.vmdk", 80);
+    let s2 = make_stream(d, "disk2.vmdk", 81);
+    std::fs::write(d.join("app.ovf"), "<?xml version=\"1.0\"?>\n<Envelope/>\n").unwrap();
+    let ova = d.join("app.ova");
+    // OVF first, then the disks; GNU format so a long member name goes through a 'L' record.
+    let long = format!("{}.vmdk", "d".repeat(120));
+    std::fs::copy(&s2, d.join(&long)).unwrap();
+    ok(
+        "tar",
+        &[
+            "--format=gnu",
+            "-C",
+            p(d),
+            "-cf",
+            p(&ova),
+            "app.ovf",
+            "disk1.vmdk",
+            &long,
+        ],
+    );
+    let (code, out) = imgfs(&["info", p(&ova)]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("2 disks") && out.contains("disk1.vmdk"),
+        "{out}"
+    );
+    let m = Mount::new(&[&ova], &d.join("mnt"), &[]);
+    let e1 = expect_file(&s1);
+    let e2 = expect_file(&s2);
+    assert_same(
+        &std::fs::read(m.file("disk1.raw")).unwrap(),
+        &std::fs::read(&e1).unwrap(),
+        "disk1",
+    );
+    let name2 = format!("{}.raw", "d".repeat(120));
+    assert_same(
+        &std::fs::read(m.file(&name2)).unwrap(),
+        &std::fs::read(&e2).unwrap(),
+        "disk2",
+    );
+    let err = pwrite(&m.file("disk1.raw"), 0, b"x").unwrap_err();
+    assert!(
+        matches!(err.raw_os_error(), Some(libc::EROFS) | Some(libc::EACCES)),
+        "{err}"
+    );
+    let (ok_, msg) = m.umount();
+    assert!(ok_, "{msg}");
+    // A tar without disks is refused with one clear line.
+    let empty = d.join("empty.ova");
+    ok("tar", &["-C", p(d), "-cf", p(&empty), "app.ovf"]);
+    let (code, out) = imgfs(&["info", p(&empty)]);
+    assert_ne!(code, 0);
+    assert!(out.contains("no .vmdk disk"), "{out}");
+}

@@ -12,6 +12,7 @@ mod check;
 mod create;
 pub mod descriptor;
 mod flat;
+pub mod ova;
 pub mod sparse;
 mod stream;
 
