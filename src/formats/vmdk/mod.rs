@@ -286,7 +286,10 @@ impl VmdkMap {
             return Ok(());
         }
         let new = new_cid(*cid);
-        let text = self.desc.with_cid(new);
+        let mut text = self.desc.with_cid(new);
+        while self.desc_loc.room.is_some() && text.len() < self.desc.text.len() {
+            text.push('\0'); // an embedded CID written with more digits: no stale tail
+        }
         if self.desc_loc.room.is_some_and(|r| text.len() as u64 > r) {
             return Err(Error::corrupt(
                 "VMDK descriptor has no room for its new CID",

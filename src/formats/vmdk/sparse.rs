@@ -547,11 +547,11 @@ impl Sparse {
     /// Make whole grains in `[off, off+len)` read as zeros through zeroed-grain entries.
     /// False when the extent has no zeroed-grain flag (the engine then writes zeros).
     pub fn write_zeroes(&self, off: u64, len: u64, unmap: bool, backing: bool) -> Result<bool> {
-        if !self.hdr.zero_grain() {
+        let g = self.grain();
+        if !self.hdr.zero_grain() || off % g != 0 || len % g != 0 {
             return Ok(false);
         }
         let mut a = self.alloc.lock();
-        let g = self.grain();
         let end = off + len;
         let mut pos = off;
         while pos < end {
