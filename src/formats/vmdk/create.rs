@@ -146,7 +146,7 @@ fn write_sparse(file: &HostFile, h: &Header, desc: Option<&str>) -> Result<()> {
 
 pub fn create(file: &HostFile, o: &CreateOpts) -> Result<()> {
     let opts = parse_opts(o)?;
-    if o.size % SECTOR != 0 {
+    if !o.size.is_multiple_of(SECTOR) {
         return Err(Error::invalid("VMDK size must be a multiple of 512 bytes"));
     }
     let sectors = o.size / SECTOR;

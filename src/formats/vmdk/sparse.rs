@@ -548,7 +548,7 @@ impl Sparse {
     /// False when the extent has no zeroed-grain flag (the engine then writes zeros).
     pub fn write_zeroes(&self, off: u64, len: u64, unmap: bool, backing: bool) -> Result<bool> {
         let g = self.grain();
-        if !self.hdr.zero_grain() || off % g != 0 || len % g != 0 {
+        if !self.hdr.zero_grain() || !off.is_multiple_of(g) || !len.is_multiple_of(g) {
             return Ok(false);
         }
         let mut a = self.alloc.lock();
