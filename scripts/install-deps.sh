@@ -12,6 +12,8 @@ have vhdiinfo      || need+=(libvhdi-utils)
 have mkfs.ext4     || need+=(e2fsprogs)
 have losetup       || need+=(mount)
 have getfattr      || need+=(attr)
+have runuser       || need+=(util-linux)   # tests/nonroot.rs runs imgfs as a user
+have useradd       || need+=(passwd)       # ... and creates that user
 have cc            || need+=(gcc)
 have make          || need+=(make)
 if [ ${#need[@]} -gt 0 ]; then

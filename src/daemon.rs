@@ -58,7 +58,18 @@ pub fn spawn_and_wait(args: &[std::ffi::OsString]) -> i32 {
         return 0;
     }
     let status = child.wait().ok().and_then(|s| s.code()).unwrap_or(1);
-    let errors = err_reader.join().unwrap_or_default();
+    // The daemon logs its progress on stderr until it is ready; relay only what went wrong.
+    let errors: String = err_reader
+        .join()
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| {
+            !["INFO", "DEBUG", "TRACE"]
+                .iter()
+                .any(|lv| l.starts_with(&format!("imgfs: {lv}: ")))
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
     eprint!("{errors}");
     if errors.is_empty() {
         eprintln!("imgfs: daemon exited before the mount was ready");
@@ -160,8 +171,85 @@ pub fn watch_signals(set: libc::sigset_t, mountpoint: PathBuf) {
         .expect("spawn signal thread");
 }
 
-/// umount2(2); `lazy` detaches a busy mount.
+/// Are we root? Root mounts and unmounts with the system calls; anybody else goes through the
+/// setuid helper `fusermount3` (package fuse3), as sshfs and qemu-storage-daemon do.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid cannot fail and touches no memory.
+    unsafe { libc::geteuid() == 0 }
+}
+
+const FUSERMOUNT: &str = "fusermount3";
+
+/// Run `fusermount3 ARGS`, its stdout/stderr captured, `comm` (if any) passed down as
+/// `_FUSE_COMMFD`. Returns the child so the caller can talk over `comm` before waiting.
+fn spawn_fusermount(
+    args: &[&std::ffi::OsStr],
+    comm: Option<i32>,
+) -> std::io::Result<std::process::Child> {
+    let mut cmd = Command::new(FUSERMOUNT);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    if let Some(fd) = comm {
+        cmd.env("_FUSE_COMMFD", fd.to_string());
+        // SAFETY: fcntl is async-signal-safe; it only clears close-on-exec on the helper's end.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    cmd.spawn().map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            std::io::Error::new(
+                e.kind(),
+                "fusermount3 not found: install the fuse3 package (or mount as root)",
+            )
+        } else {
+            e
+        }
+    })
+}
+
+/// Wait for fusermount3; its last stderr line becomes the error (EBUSY when it says busy).
+fn finish_fusermount(child: std::process::Child) -> std::io::Result<()> {
+    let out = child.wait_with_output()?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let msg = String::from_utf8_lossy(&out.stderr);
+    let msg = msg
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("failed")
+        .trim();
+    if msg.contains("busy") {
+        return Err(std::io::Error::from_raw_os_error(libc::EBUSY));
+    }
+    Err(std::io::Error::other(msg.to_string()))
+}
+
+/// Does /etc/fuse.conf let users mount with allow_other?
+pub fn user_allow_other() -> bool {
+    std::fs::read_to_string("/etc/fuse.conf")
+        .is_ok_and(|s| s.lines().any(|l| l.trim() == "user_allow_other"))
+}
+
+/// umount2(2) as root, `fusermount3 -u` otherwise; `lazy` detaches a busy mount.
 pub fn unmount(mountpoint: &Path, lazy: bool) -> std::io::Result<()> {
+    if !is_root() {
+        let mut args: Vec<&std::ffi::OsStr> = vec!["-u".as_ref()];
+        if lazy {
+            args.push("-z".as_ref());
+        }
+        args.extend(["--".as_ref(), mountpoint.as_os_str()]);
+        return finish_fusermount(spawn_fusermount(&args, None)?);
+    }
     let c = CString::new(mountpoint.as_os_str().as_bytes())
         .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
     let flags = if lazy { libc::MNT_DETACH } else { 0 };
@@ -226,9 +314,104 @@ pub struct FuseMount<'a> {
     pub allow_other: bool,
 }
 
-/// Open /dev/fuse and mount it with type `fuse.imgfs` (so `findmnt` shows what it is and the
-/// image it serves). Returns the connection fd for `fuser::Session::from_fd`.
+/// Mount with type `fuse.imgfs` (so `findmnt` shows what it is and the image it serves):
+/// directly as root, through fusermount3 otherwise. Returns the connection fd for
+/// `fuser::Session::from_fd`.
 pub fn mount_fuse(m: &FuseMount) -> std::io::Result<std::os::fd::OwnedFd> {
+    if is_root() {
+        mount_direct(m)
+    } else {
+        mount_fusermount(m)
+    }
+}
+
+/// fusermount3's protocol: it opens /dev/fuse, mounts it (checking the caller may), and sends
+/// the descriptor back over the socket named by `_FUSE_COMMFD` (SCM_RIGHTS).
+fn mount_fusermount(m: &FuseMount) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let mut opts = format!(
+        "fsname={},subtype=imgfs,default_permissions,max_read={},nosuid,nodev",
+        m.source.replace([',', '\\'], "_"),
+        crate::fuse::MAX_READ
+    );
+    opts.push_str(if m.read_only { ",ro" } else { ",rw" });
+    if m.allow_other {
+        opts.push_str(",allow_other");
+    }
+    let mut pair = [0i32; 2];
+    // SAFETY: socketpair fills two descriptors we then own.
+    if unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+            0,
+            pair.as_mut_ptr(),
+        )
+    } != 0
+    {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just created and are owned by nobody else.
+    let (ours, theirs) = unsafe { (OwnedFd::from_raw_fd(pair[0]), OwnedFd::from_raw_fd(pair[1])) };
+    let args: [&std::ffi::OsStr; 4] = [
+        "-o".as_ref(),
+        opts.as_ref(),
+        "--".as_ref(),
+        m.mountpoint.as_os_str(),
+    ];
+    let child = spawn_fusermount(&args, Some(theirs.as_raw_fd()))?;
+    drop(theirs);
+    let received = receive_fd(ours.as_raw_fd());
+    finish_fusermount(child)?;
+    received?.ok_or_else(|| std::io::Error::other("fusermount3 sent no /dev/fuse descriptor"))
+}
+
+/// Receive one descriptor sent with SCM_RIGHTS; None when the peer closed without sending one.
+fn receive_fd(sock: i32) -> std::io::Result<Option<std::os::fd::OwnedFd>> {
+    use std::os::fd::FromRawFd;
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    // Room for one control message carrying one int, aligned for cmsghdr.
+    let mut control = [0u64; 8];
+    // SAFETY: msghdr is plain data; every pointer in it refers to the locals above.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE only computes a size.
+    msg.msg_controllen = unsafe { libc::CMSG_SPACE(std::mem::size_of::<i32>() as u32) } as _;
+    let n = loop {
+        // SAFETY: recvmsg into the buffers described by msg.
+        let n = unsafe { libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if n >= 0 {
+            break n;
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    };
+    if n == 0 {
+        return Ok(None);
+    }
+    // SAFETY: walking the control buffer the kernel filled, with the libc macros.
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        if cmsg.is_null()
+            || (*cmsg).cmsg_level != libc::SOL_SOCKET
+            || (*cmsg).cmsg_type != libc::SCM_RIGHTS
+        {
+            return Ok(None);
+        }
+        let fd = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<i32>());
+        Ok(Some(std::os::fd::OwnedFd::from_raw_fd(fd)))
+    }
+}
+
+fn mount_direct(m: &FuseMount) -> std::io::Result<std::os::fd::OwnedFd> {
     use std::os::fd::{AsRawFd, OwnedFd};
     let dev: OwnedFd = std::fs::OpenOptions::new()
         .read(true)

@@ -259,6 +259,8 @@ pub struct CreateOpts {
     pub backing_info: Option<ImageInfo>,
     /// `-o key=value` options; a format must refuse keys it does not know.
     pub options: BTreeMap<String, String>,
+    /// Where a long create (preallocation) reports how far it is.
+    pub progress: crate::progress::Progress,
 }
 
 /// How much `check` may repair (qemu-img's `-r`).

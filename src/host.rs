@@ -159,14 +159,24 @@ impl HostFile {
 
     /// Write `len` zero bytes at `off` (in bounded chunks).
     pub fn write_zeroes(&self, off: u64, len: u64) -> Result<()> {
+        self.write_zeroes_reporting(off, len, |_| ())
+    }
+
+    /// `write_zeroes`, calling `done(bytes)` after each chunk (for a long preallocation).
+    pub fn write_zeroes_reporting(
+        &self,
+        off: u64,
+        len: u64,
+        mut done: impl FnMut(u64),
+    ) -> Result<()> {
         const CHUNK: u64 = 1 << 20;
         let zeros = vec![0u8; CHUNK.min(len) as usize];
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(CHUNK);
-            self.write_all_at(&zeros[..n as usize], off + done)?;
-            done += n;
-            crate::progress::update(done, len);
+        let mut pos = 0;
+        while pos < len {
+            let n = (len - pos).min(CHUNK);
+            self.write_all_at(&zeros[..n as usize], off + pos)?;
+            pos += n;
+            done(pos);
         }
         Ok(())
     }
@@ -231,6 +241,16 @@ impl HostFile {
 /// A real file on the host.
 pub struct RealFile {
     file: File,
+}
+
+/// Closing drops this descriptor's OFD locks (`lock.rs`) explicitly first. A lock belongs to the
+/// open file description, and a child forked by another thread shares that description until its
+/// exec closes it: without the explicit unlock the image would stay locked for that moment after
+/// imgfs let go of it, and a qemu-img started right then would be refused.
+impl Drop for RealFile {
+    fn drop(&mut self) {
+        crate::lock::release_all(self.file.as_raw_fd());
+    }
 }
 
 impl RealFile {

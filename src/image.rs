@@ -145,9 +145,6 @@ impl std::fmt::Debug for Image {
     }
 }
 
-/// Head bytes read for probing.
-const PROBE_LEN: usize = 4096;
-
 impl Image {
     /// Open an image file and its backing chain.
     pub fn open(path: &Path, opts: &OpenOpts) -> Result<Image> {
@@ -204,12 +201,10 @@ impl Image {
 
     fn open_host_at_depth(file: HostFile, opts: &OpenOpts, depth: usize) -> Result<Image> {
         let path = &file.path().to_path_buf();
-        let mut head = vec![0u8; PROBE_LEN];
-        let n = file.read_at(&mut head, 0)?;
-        head.truncate(n);
         let (format, probed) = match &opts.format {
             Some(name) => (formats::by_name(name).map_err(|e| e.in_file(path))?, false),
-            None => (formats::probe(&head), true),
+            // Refuses containers imgfs cannot serve (VMDK, VDI, ...) rather than exposing them as raw.
+            None => (formats::detect_file(&file)?, true),
         };
         let dir = image_dir(path);
         let open_sibling = |name: &str| -> Result<HostFile> {
@@ -800,3 +795,7 @@ fn image_dir(path: &Path) -> PathBuf {
     let dir = dir.unwrap_or(Path::new("."));
     dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf())
 }
+
+#[cfg(test)]
+#[path = "image_tests.rs"]
+mod tests;

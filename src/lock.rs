@@ -115,6 +115,15 @@ fn try_acquire(file: &HostFile, fd: RawFd, mode: LockMode) -> Result<()> {
     Ok(())
 }
 
+/// Drop every OFD lock held through `fd`'s open file description (also for copies of it that
+/// forked children still hold). Errors are ignored: the descriptor is about to be closed.
+pub fn release_all(fd: RawFd) {
+    let mut fl = flock_at(0, libc::F_UNLCK);
+    fl.l_len = 0; // to the end of the file
+                  // SAFETY: fcntl with a descriptor the caller owns and a pointer to a live flock struct.
+    unsafe { libc::fcntl(fd, libc::F_OFD_SETLK, &fl) };
+}
+
 fn flock_at(start: i64, ty: i32) -> libc::flock {
     // SAFETY: flock is a plain C struct for which all-zero bytes are a valid value.
     let mut fl: libc::flock = unsafe { std::mem::zeroed() };
@@ -183,5 +192,44 @@ mod tests {
             acquire(&r3, LockMode::Read).unwrap_err().kind(),
             ErrorKind::Locked
         );
+    }
+
+    /// A child forked while the image is open keeps a copy of the locked description until it
+    /// execs or exits; closing the image must still release the lock at once.
+    #[test]
+    fn closing_releases_locks_that_a_forked_child_shares() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("img");
+        std::fs::write(&p, vec![0u8; 4096]).unwrap();
+        let w = HostFile::open(Path::new(&p), true).unwrap();
+        acquire(&w, LockMode::Write).unwrap();
+        let (rd, wr) = {
+            let mut fds = [0; 2];
+            // SAFETY: pipe with a valid two-element array.
+            assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+            (fds[0], fds[1])
+        };
+        // SAFETY: the child only calls async-signal-safe functions (read, _exit).
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            let mut b = 0u8;
+            // SAFETY: blocking read of one byte into a live buffer, then _exit.
+            unsafe {
+                libc::read(rd, (&mut b as *mut u8).cast(), 1);
+                libc::_exit(0)
+            };
+        }
+        drop(w);
+        let again = HostFile::open(Path::new(&p), true).unwrap();
+        let r = try_acquire(&again, again.raw_fd().unwrap(), LockMode::Write);
+        // SAFETY: wake the child (it holds the old description until now) and reap it.
+        unsafe {
+            libc::write(wr, [1u8].as_ptr().cast(), 1);
+            libc::waitpid(pid, std::ptr::null_mut(), 0);
+            libc::close(rd);
+            libc::close(wr);
+        }
+        r.unwrap();
     }
 }

@@ -44,6 +44,13 @@ fn main() {
         }
     }
     let cli = Cli::parse_from(std::iter::once("imgfs".into()).chain(raw_args.iter().cloned()));
+    if !matches!(cli.cmd, Cmd::Mount(_) | Cmd::Umount(_)) {
+        // Commands that print end quietly when their reader goes away (`imgfs info X | head`),
+        // as other command-line tools do, instead of panicking on the failed write. The daemon
+        // keeps SIGPIPE ignored.
+        // SAFETY: setting a signal's disposition to the default before any thread is started.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let code = match cli.cmd {
         Cmd::Mount(a) => cli::mount::run(a, &raw_args),
         Cmd::Umount(a) => cli::umount::run(a),

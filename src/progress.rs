@@ -1,40 +1,72 @@
-//! Progress of long jobs (check, repair, create with preallocation). Formats report how far they
-//! are with `progress::update(done, total)` (cheap: two atomic stores); the command line shows a bar
-//! on stderr when it is a terminal and the job takes more than a moment. Nothing is shown otherwise.
+//! Progress of long jobs (create with preallocation, check, repair). A job is handed a `Progress`
+//! (in `CreateOpts`) and reports `done` out of `total` units through it; the command line shows a
+//! bar on stderr for it when stderr is a terminal and the job takes more than a moment. Nothing
+//! global: a job with a default `Progress` reports to no one.
 
 use std::io::{IsTerminal, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-static DONE: AtomicU64 = AtomicU64::new(0);
-static TOTAL: AtomicU64 = AtomicU64::new(0);
+#[derive(Default)]
+struct Counts {
+    done: AtomicU64,
+    total: AtomicU64,
+}
 
-/// Report progress of the current job: `done` out of `total` units.
-pub fn update(done: u64, total: u64) {
-    TOTAL.store(total, Ordering::Relaxed);
-    DONE.store(done.min(total), Ordering::Relaxed);
+/// Where a job reports how far it is (cheap: two atomic stores). Default: nowhere.
+#[derive(Clone, Default)]
+pub struct Progress(Option<Arc<Counts>>);
+
+impl std::fmt::Debug for Progress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Progress(shown)"
+        } else {
+            "Progress(none)"
+        })
+    }
+}
+
+impl Progress {
+    /// `done` out of `total` units are finished.
+    pub fn update(&self, done: u64, total: u64) {
+        if let Some(c) = &self.0 {
+            c.total.store(total, Ordering::Relaxed);
+            c.done.store(done.min(total), Ordering::Relaxed);
+        }
+    }
 }
 
 /// Shows a bar for `label` while alive (on a terminal, after half a second).
 pub struct Bar {
+    counts: Arc<Counts>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Bar {
     pub fn start(label: &str) -> Bar {
-        update(0, 0);
+        let counts = Arc::new(Counts::default());
         let stop = Arc::new(AtomicBool::new(false));
         let thread = std::io::stderr().is_terminal().then(|| {
-            let (stop, label) = (stop.clone(), label.to_string());
-            std::thread::spawn(move || render_loop(&label, &stop))
+            let (stop, label, counts) = (stop.clone(), label.to_string(), counts.clone());
+            std::thread::spawn(move || render_loop(&label, &counts, &stop))
         });
-        Bar { stop, thread }
+        Bar {
+            counts,
+            stop,
+            thread,
+        }
+    }
+
+    /// The handle a job reports to this bar through.
+    pub fn progress(&self) -> Progress {
+        Progress(Some(self.counts.clone()))
     }
 }
 
-fn render_loop(label: &str, stop: &AtomicBool) {
+fn render_loop(label: &str, counts: &Counts, stop: &AtomicBool) {
     let mut shown = false;
     for tick in 0u64.. {
         std::thread::sleep(Duration::from_millis(100));
@@ -44,7 +76,8 @@ fn render_loop(label: &str, stop: &AtomicBool) {
         if tick < 5 {
             continue;
         }
-        let (done, total) = (DONE.load(Ordering::Relaxed), TOTAL.load(Ordering::Relaxed));
+        let done = counts.done.load(Ordering::Relaxed);
+        let total = counts.total.load(Ordering::Relaxed);
         let line = match (done * 30).checked_div(total) {
             None => format!("{label}... {}s", tick / 10),
             Some(filled) => format!(
@@ -68,5 +101,20 @@ impl Drop for Bar {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn updates_reach_the_bar_and_default_reports_nowhere() {
+        Progress::default().update(1, 2);
+        let bar = Bar::start("x");
+        let p = bar.progress();
+        p.update(7, 5);
+        assert_eq!(bar.counts.done.load(Ordering::Relaxed), 5);
+        assert_eq!(bar.counts.total.load(Ordering::Relaxed), 5);
     }
 }

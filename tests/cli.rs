@@ -226,17 +226,7 @@ fn info_and_snapshot_list_match_qemu() {
     let base = t.path().join("b.qcow2");
     let img = t.path().join("i.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "10M"]);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "b.qcow2",
-        "-F",
-        "qcow2",
-        img.to_str().unwrap(),
-    ]);
+    qcow2_overlay(&img, "b.qcow2");
     qemu_io("qcow2", &img, &["write 0 64k"]);
     qemu_img(&["snapshot", "-c", "first", img.to_str().unwrap()]);
     qemu_img(&["snapshot", "-c", "second", img.to_str().unwrap()]);
@@ -371,4 +361,25 @@ fn vhdx_differencing_child_from_the_cli() {
         e.contains("parent changed since the child was created"),
         "{e}"
     );
+}
+
+/// `imgfs info IMG | head -1`: a reader that goes away ends the command quietly (SIGPIPE), with
+/// no panic message.
+#[test]
+fn printing_into_a_closed_pipe_ends_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let t = tmpdir();
+    let img = t.path().join("p.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "1G"]);
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = std::process::Command::new(IMGFS)
+        .args(["info", img.to_str().unwrap()])
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{err}");
 }

@@ -4,35 +4,6 @@ mod common;
 use common::*;
 use std::path::Path;
 
-/// Make /sbin/mount.fuse.imgfs point at the binary under test for the duration of a test.
-struct Helper {
-    created: bool,
-}
-
-impl Helper {
-    fn install() -> Helper {
-        let link = Path::new("/sbin/mount.fuse.imgfs");
-        let created = match std::fs::read_link(link) {
-            Ok(target) if target == Path::new(IMGFS) => false,
-            Ok(_) | Err(_) if link.exists() && std::fs::read_link(link).is_err() => false,
-            _ => {
-                let _ = std::fs::remove_file(link);
-                std::os::unix::fs::symlink(IMGFS, link).unwrap();
-                true
-            }
-        };
-        Helper { created }
-    }
-}
-
-impl Drop for Helper {
-    fn drop(&mut self) {
-        if self.created {
-            let _ = std::fs::remove_file("/sbin/mount.fuse.imgfs");
-        }
-    }
-}
-
 fn mount_type(dir: &Path) -> Option<(String, String, String)> {
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
     let d = dir.display().to_string();
@@ -45,7 +16,7 @@ fn mount_type(dir: &Path) -> Option<(String, String, String)> {
 
 #[test]
 fn mount_t_fuse_imgfs_and_fstab_then_plain_umount() {
-    let _h = Helper::install();
+    let _h = MountHelper::install();
     let t = tmpdir();
     let data = random_bytes(1, 1 << 20);
     let img = write_file(t.path(), "disk.img", &data);

@@ -14,17 +14,7 @@ fn open(p: &Path, read_only: bool) -> Image {
         read_only,
         ..OpenOpts::default()
     };
-    // Another test thread forking qemu-img can briefly hold a copy of a just-closed
-    // descriptor (between fork and exec), and with it our OFD lock: retry a little.
-    for _ in 0..50 {
-        match Image::open(p, &opts) {
-            Err(e) if e.kind() == imgfs::ErrorKind::Locked => {
-                std::thread::sleep(std::time::Duration::from_millis(20))
-            }
-            r => return r.unwrap_or_else(|e| panic!("open {}: {e}", p.display())),
-        }
-    }
-    panic!("open {}: still locked", p.display())
+    Image::open(p, &opts).unwrap_or_else(|e| panic!("open {}: {e}", p.display()))
 }
 
 /// `qemu-img create -f qcow2 -o OPTS img SIZE`.
@@ -102,24 +92,10 @@ fn scribble(img: &Image, want: &mut [u8], cs: u64, seed: u64) {
     }
 }
 
-/// `qemu-img check` clean, retrying while a forked sibling still holds our lock (see `open`).
-fn check_clean(path: &Path) {
-    for _ in 0..50 {
-        let (code, out) = qemu_check("qcow2", path);
-        if code == 1 && out.contains("lock") {
-            std::thread::sleep(std::time::Duration::from_millis(20));
-            continue;
-        }
-        assert_eq!(code, 0, "qemu-img check {}: {out}", path.display());
-        return;
-    }
-    panic!("qemu-img check {}: still locked", path.display());
-}
-
 fn finish(img: Image, path: &Path, want: &[u8]) {
     img.close().unwrap();
     drop(img);
-    check_clean(path);
+    assert_check_clean("qcow2", path);
     assert_compare_bytes("qcow2", path, want);
     let again = open(path, true);
     assert_same(&engine_read_all(&again), want, "reopen");
@@ -826,7 +802,7 @@ fn check_finds_and_repairs_refcount_corruption() {
         .check(imgfs::host::HostFile::open(&p, true).unwrap(), Repair::All)
         .unwrap();
     assert_eq!(r.exit_code(), 0, "{:?}", r.messages);
-    check_clean(&p);
+    assert_check_clean("qcow2", &p);
     assert_same(&qemu_raw(&p), &want, "after repair");
 }
 
@@ -884,7 +860,7 @@ fn bench_sequential_and_random() {
         );
         img.close().unwrap();
         drop(img);
-        check_clean(&p);
+        assert_check_clean("qcow2", &p);
     }
 }
 

@@ -35,11 +35,7 @@ pub fn run(args: CheckArgs) -> i32 {
         lock::acquire(&file, LockMode::for_access(writable))?;
         let format = match &args.format {
             Some(f) => formats::by_name(f)?,
-            None => {
-                let mut head = vec![0u8; 4096];
-                let n = file.read_at(&mut head, 0)?;
-                formats::probe(&head[..n])
-            }
+            None => formats::detect_file(&file)?,
         };
         format
             .check(file, repair)

@@ -67,6 +67,7 @@ fn create(args: &CreateArgs) -> Result<()> {
         backing: None,
         backing_info: None,
         options,
+        progress: Default::default(),
     };
     if let Some(name) = &args.backing {
         let dir = image_dir(&args.image);
@@ -90,7 +91,8 @@ fn create(args: &CreateArgs) -> Result<()> {
         ));
     }
     let file = open_new(&args.image)?;
-    let _bar = crate::progress::Bar::start("creating");
+    let bar = crate::progress::Bar::start("creating");
+    opts.progress = bar.progress();
     if let Err(e) = format.create(&file, &opts).and_then(|()| file.sync()) {
         let _ = std::fs::remove_file(&args.image);
         return Err(e.in_file(&args.image));

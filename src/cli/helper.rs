@@ -68,6 +68,11 @@ pub fn translate(args: &[OsString]) -> Result<HelperCall, String> {
             ("cache_size", Some(v)) => out.extend(["--cache-size".into(), v.into()]),
             ("threads", Some(v)) => out.extend(["--threads".into(), v.into()]),
             ("poll_us", Some(v)) => out.extend(["--poll-us".into(), v.into()]),
+            ("uid", Some(v)) => out.extend(["--uid".into(), v.into()]),
+            ("gid", Some(v)) => out.extend(["--gid".into(), v.into()]),
+            ("umask", Some(v)) => out.extend(["--umask".into(), v.into()]),
+            // mount(8) names the mounting user of a `user` fstab line.
+            ("user", Some(_)) => {}
             // Generic options that mount(8), systemd or the kernel handle, or that we always apply.
             (
                 "rw"
@@ -116,7 +121,7 @@ mod tests {
             "/img/disk.qcow2",
             "/mnt/img",
             "-o",
-            "ro,allow_other,noauto,x-systemd.automount,format=qcow2,cache_size=8M",
+            "ro,allow_other,noauto,x-systemd.automount,format=qcow2,cache_size=8M,user=joe,uid=1000,gid=100,umask=027",
         ]))
         .unwrap();
         assert_eq!(
@@ -129,6 +134,12 @@ mod tests {
                 "qcow2",
                 "--cache-size",
                 "8M",
+                "--uid",
+                "1000",
+                "--gid",
+                "100",
+                "--umask",
+                "027",
                 "/img/disk.qcow2",
                 "/mnt/img"
             ]))

@@ -2,7 +2,7 @@
 
 use crate::daemon;
 use crate::error::{Error, ErrorKind, Result};
-use crate::fuse::ImgFs;
+use crate::fuse::{ImgFs, Ownership};
 use crate::image::{Image, OpenOpts, DEFAULT_CACHE_SIZE};
 use clap::Args;
 use fuser::{Config, SessionACL};
@@ -41,6 +41,16 @@ pub struct MountArgs {
     /// Let users other than the mounting user access the files.
     #[arg(long)]
     pub allow_other: bool,
+    /// Owner (user name or number) of the exposed files; default: the image file's owner.
+    #[arg(long, value_parser = parse_uid)]
+    pub uid: Option<u32>,
+    /// Group (name or number) of the exposed files; default: the image file's group.
+    #[arg(long, value_parser = parse_gid)]
+    pub gid: Option<u32>,
+    /// Octal mask of permission bits taken away from the exposed files (0666) and directories
+    /// (0777); default: the image file's own permission bits.
+    #[arg(long, value_parser = parse_umask)]
+    pub umask: Option<u32>,
     /// Allow backing / data files named by an image to lie outside the image's directory.
     #[arg(long)]
     pub allow_backing_outside: bool,
@@ -78,6 +88,12 @@ fn mount(args: &MountArgs) -> Result<i32> {
     if args.poll_us > 1000 {
         return Err(Error::invalid("--poll-us must be at most 1000"));
     }
+    if args.allow_other && !daemon::is_root() && !daemon::user_allow_other() {
+        return Err(Error::new(
+            ErrorKind::Permission,
+            "--allow-other as a user needs a line 'user_allow_other' in /etc/fuse.conf",
+        ));
+    }
     let opts = OpenOpts {
         read_only: args.read_only,
         format: args.format.clone(),
@@ -108,7 +124,12 @@ fn mount(args: &MountArgs) -> Result<i32> {
         images.push(Arc::new(img));
     }
     let signals = daemon::block_signals();
-    let fs = ImgFs::new(images, args.read_only, args.passthrough);
+    let ownership = Ownership {
+        uid: args.uid,
+        gid: args.gid,
+        umask: args.umask,
+    };
+    let fs = ImgFs::new(images, args.read_only, args.passthrough, ownership);
     let dev = daemon::mount_fuse(&daemon::FuseMount {
         mountpoint,
         source: &fs_name(&files),
@@ -153,6 +174,43 @@ fn mount(args: &MountArgs) -> Result<i32> {
             Ok(1)
         }
     }
+}
+
+fn parse_uid(s: &str) -> std::result::Result<u32, String> {
+    parse_id(s, |name| {
+        // SAFETY: getpwnam returns a pointer into static storage, or null; read at once.
+        let pw = unsafe { libc::getpwnam(name.as_ptr()) };
+        (!pw.is_null()).then(|| unsafe { (*pw).pw_uid })
+    })
+}
+
+fn parse_gid(s: &str) -> std::result::Result<u32, String> {
+    parse_id(s, |name| {
+        // SAFETY: getgrnam returns a pointer into static storage, or null; read at once.
+        let gr = unsafe { libc::getgrnam(name.as_ptr()) };
+        (!gr.is_null()).then(|| unsafe { (*gr).gr_gid })
+    })
+}
+
+/// A number, or a name looked up with `lookup`.
+fn parse_id(
+    s: &str,
+    lookup: impl Fn(&std::ffi::CStr) -> Option<u32>,
+) -> std::result::Result<u32, String> {
+    if let Ok(n) = s.parse() {
+        return Ok(n);
+    }
+    std::ffi::CString::new(s)
+        .ok()
+        .and_then(|c| lookup(&c))
+        .ok_or_else(|| format!("no such user or group {s:?}"))
+}
+
+fn parse_umask(s: &str) -> std::result::Result<u32, String> {
+    u32::from_str_radix(s, 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("umask {s:?} is not an octal mask like 022"))
 }
 
 fn check_mountpoint(mp: &Path) -> Result<()> {

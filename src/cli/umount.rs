@@ -32,6 +32,15 @@ pub fn run(args: UmountArgs) -> i32 {
                 }
             };
         }
+        Err(e) if e.raw_os_error() == Some(libc::EACCES) => {
+            // FUSE lets nobody but the mounting user in without allow_other, not even root.
+            eprintln!(
+                "imgfs: {}: mounted by another user without --allow-other; run imgfs umount as \
+                 that user (or plain umount, which does not wait for the daemon)",
+                mp.display()
+            );
+            return 1;
+        }
         Err(e) => {
             eprintln!("imgfs: {}: not an imgfs mount ({e})", mp.display());
             return 1;

@@ -27,7 +27,8 @@ impl Format for Raw {
         file.set_len(opts.size)?;
         match opts.options.get("preallocation").map(String::as_str) {
             None | Some("off") => Ok(()),
-            Some("full") | Some("falloc") => file.write_zeroes(0, opts.size),
+            Some("full") | Some("falloc") => file
+                .write_zeroes_reporting(0, opts.size, |done| opts.progress.update(done, opts.size)),
             Some(other) => Err(Error::invalid(format!(
                 "raw: preallocation={other} not supported (off, falloc, full)"
             ))),

@@ -40,8 +40,20 @@ thread_local! {
     static PLAN: RefCell<Vec<crate::image::ReadPiece>> = const { RefCell::new(Vec::new()) };
 }
 
+/// Who owns the exposed files: the `uid=`, `gid=`, `umask=` mount options; each overrides the
+/// image file's own owner, group or permission bits.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Ownership {
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub umask: Option<u32>,
+}
+
 pub struct ImgFs {
     tree: Tree,
+    ownership: Ownership,
+    /// Owner, group and mode of each image file (by path), read once on first use.
+    image_owners: parking_lot::Mutex<HashMap<std::path::PathBuf, (u32, u32, u32)>>,
     /// Serve eligible raw images by FUSE passthrough (kernel does the I/O on the image file).
     passthrough: bool,
     /// Passthrough backing ids by inode, with the number of open handles using each.
@@ -59,12 +71,19 @@ fn errno(e: &Error) -> Errno {
 }
 
 impl ImgFs {
-    pub fn new(images: Vec<Arc<Image>>, read_only: bool, passthrough: bool) -> ImgFs {
+    pub fn new(
+        images: Vec<Arc<Image>>,
+        read_only: bool,
+        passthrough: bool,
+        ownership: Ownership,
+    ) -> ImgFs {
         // SAFETY: getuid/getgid cannot fail and touch no memory.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
         let now = SystemTime::now();
         ImgFs {
             tree: Tree::build(images),
+            ownership,
+            image_owners: parking_lot::Mutex::new(HashMap::new()),
             passthrough,
             backing_ids: Mutex::new(HashMap::new()),
             uid,
@@ -93,17 +112,51 @@ impl ImgFs {
         errors
     }
 
+    /// Owner, group and permission bits of an exposed file whose bytes come from `image` (the
+    /// whole disk, a snapshot view, a partition view): those of the image file, so that
+    /// `--allow-other` shares a disk exactly as far as the image itself is shared. Write bits
+    /// are dropped when the file cannot be written; `uid=`, `gid=`, `umask=` override.
+    pub fn file_owner(&self, image: &Image, writable: bool) -> (u32, u32, u16) {
+        let (uid, gid, mode) = *self
+            .image_owners
+            .lock()
+            .entry(image.path().to_path_buf())
+            .or_insert_with(|| {
+                image_file_owner(image.path()).unwrap_or((self.uid, self.gid, 0o600))
+            });
+        let mut perm = match self.ownership.umask {
+            Some(umask) => 0o666 & !umask,
+            None => mode & 0o777,
+        };
+        if !writable {
+            perm &= !0o222;
+        }
+        (
+            self.ownership.uid.unwrap_or(uid),
+            self.ownership.gid.unwrap_or(gid),
+            perm as u16,
+        )
+    }
+
     fn attr(&self, node: &Node) -> FileAttr {
-        let (kind, size, blocks, perm, nlink) = match &node.kind {
+        let (kind, size, blocks, (uid, gid, perm), nlink) = match &node.kind {
             NodeKind::Dir { children } => {
-                let perm = if self.read_only { 0o555 } else { 0o755 };
-                (FileType::Directory, 0, 0, perm, 2 + children.len() as u32)
+                let mut perm = self.ownership.umask.map_or(0o755, |m| 0o777 & !m);
+                if self.read_only {
+                    perm &= !0o222;
+                }
+                let owner = (
+                    self.ownership.uid.unwrap_or(self.uid),
+                    self.ownership.gid.unwrap_or(self.gid),
+                    perm as u16,
+                );
+                (FileType::Directory, 0, 0, owner, 2 + children.len() as u32)
             }
             NodeKind::File { image } => {
-                let ro = image.is_read_only() || image.is_degraded();
-                let perm = if ro { 0o444 } else { 0o644 };
+                let writable = !image.is_read_only() && !image.is_degraded();
                 let blocks = image.host_allocated().div_ceil(512);
-                (FileType::RegularFile, image.size(), blocks, perm, 1)
+                let owner = self.file_owner(image, writable);
+                (FileType::RegularFile, image.size(), blocks, owner, 1)
             }
         };
         let mtime = match node.kind {
@@ -123,8 +176,8 @@ impl ImgFs {
             kind,
             perm,
             nlink,
-            uid: self.uid,
-            gid: self.gid,
+            uid,
+            gid,
             rdev: 0,
             blksize: 4096,
             flags: 0,
@@ -196,6 +249,15 @@ impl ImgFs {
     }
 }
 
+/// Owner, group and mode of the file at `path`.
+fn image_file_owner(path: &std::path::Path) -> Option<(u32, u32, u32)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path)
+        .map_err(|e| log::warn!("{}: cannot stat for its owner: {e}", path.display()))
+        .ok()?;
+    Some((m.uid(), m.gid(), m.mode()))
+}
+
 fn reply_xattr(reply: ReplyXattr, size: u32, data: &[u8]) {
     if size == 0 {
         reply.size(data.len() as u32);
@@ -239,6 +301,10 @@ impl Filesystem for ImgFs {
         // Split large direct I/O into parallel requests (parallel direct writes are asked for
         // per open file with FOPEN_PARALLEL_DIRECT_WRITES).
         let _ = config.add_capabilities(InitFlags::FUSE_ASYNC_DIO);
+        // An open with O_TRUNC arrives as an open flag, not as a setattr(size=0): told apart
+        // from truncate(2), it is ignored as on a block device, so `dd` without conv=notrunc
+        // and `cat img > disk.raw` write the disk in place.
+        let _ = config.add_capabilities(InitFlags::FUSE_ATOMIC_O_TRUNC);
         // Direct-I/O opens (O_DIRECT openers) may still mmap the file.
         let _ = config.add_capabilities(InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP);
         if self.passthrough {
@@ -314,6 +380,7 @@ impl Filesystem for ImgFs {
             Ok(i) => i,
             Err(e) => return reply.error(e),
         };
+        // O_TRUNC is ignored (see init): a disk keeps its size and contents.
         let wants_write = open_flags.acc_mode() != OpenAccMode::O_RDONLY;
         if wants_write && (image.is_read_only() || image.is_degraded()) {
             return reply.error(Errno::EROFS);

@@ -30,6 +30,21 @@ pub fn qemu_img(args: &[&str]) -> String {
 }
 
 /// `qemu-io -f FMT IMG -c CMD...`, each command must succeed.
+/// `qemu-img create -f qcow2 -b BACKING -F qcow2 TOP` (BACKING as written into the header).
+pub fn qcow2_overlay(top: &Path, backing: &str) {
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        backing,
+        "-F",
+        "qcow2",
+        top.to_str().unwrap(),
+    ]);
+}
+
 pub fn qemu_io(fmt: &str, img: &Path, cmds: &[&str]) {
     let mut args = vec!["-f", fmt, img.to_str().unwrap()];
     for c in cmds {
@@ -451,6 +466,35 @@ pub fn exercise_damaged(
             let _ = image.write_at(&[seed as u8; 5000], write_off);
             let _ = image.write_zeroes(0, 64 << 10, true);
             let _ = image.close();
+        }
+    }
+}
+
+/// Make /sbin/mount.fuse.imgfs point at the binary under test for the duration of a test.
+pub struct MountHelper {
+    created: bool,
+}
+
+impl MountHelper {
+    pub fn install() -> MountHelper {
+        let link = Path::new("/sbin/mount.fuse.imgfs");
+        let created = match std::fs::read_link(link) {
+            Ok(target) if target == Path::new(IMGFS) => false,
+            Ok(_) | Err(_) if link.exists() && std::fs::read_link(link).is_err() => false,
+            _ => {
+                let _ = std::fs::remove_file(link);
+                std::os::unix::fs::symlink(IMGFS, link).unwrap();
+                true
+            }
+        };
+        MountHelper { created }
+    }
+}
+
+impl Drop for MountHelper {
+    fn drop(&mut self) {
+        if self.created {
+            let _ = std::fs::remove_file("/sbin/mount.fuse.imgfs");
         }
     }
 }

@@ -168,6 +168,22 @@ impl Header {
         (h.version == 1).then_some(h)
     }
 
+    /// The first field that matters for reading the image in which `self` and `other`
+    /// differ (the log to replay, the data's identity, the versions); None when they agree.
+    fn disagreement(&self, other: &Header) -> Option<&'static str> {
+        let fields: [(&str, bool); 5] = [
+            (
+                "data_write_guid",
+                self.data_write_guid == other.data_write_guid,
+            ),
+            ("log_guid", self.log_guid == other.log_guid),
+            ("log_version", self.log_version == other.log_version),
+            ("log_offset", self.log_offset == other.log_offset),
+            ("log_length", self.log_length == other.log_length),
+        ];
+        fields.iter().find(|(_, same)| !same).map(|(name, _)| *name)
+    }
+
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut b = if self.raw.len() == HEADER_SIZE {
             self.raw.clone()
@@ -218,12 +234,21 @@ impl Headers {
             (None, Some(_)) => 1,
             (Some(a), Some(b)) if a.sequence_number > b.sequence_number => 0,
             (Some(a), Some(b)) if b.sequence_number > a.sequence_number => 1,
-            (Some(_), Some(_)) => {
-                return Err(Error::corrupt(
-                    "both VHDX headers are valid with the same sequence number",
-                )
-                .at(HEADER_OFFSETS[1]))
-            }
+            // Disk2VHD and other Windows tools write both headers with one sequence number.
+            // Windows and QEMU take the first; that is safe only when both describe the same
+            // state (file_write_guid alone may differ: it only marks that the file was opened
+            // for writing).
+            (Some(a), Some(b)) => match a.disagreement(b) {
+                None => 0,
+                Some(field) => {
+                    return Err(Error::corrupt(format!(
+                    "both VHDX headers are valid with sequence number {} but differ in {field}: \
+                         cannot tell which is current",
+                    a.sequence_number
+                ))
+                    .at(HEADER_OFFSETS[1]))
+                }
+            },
         };
         let h = Headers { slots, current };
         h.validate()?;
@@ -453,7 +478,20 @@ mod tests {
         let h = Headers::choose([Some(header(7)), None]).unwrap();
         assert_eq!(h.current, 0);
         assert!(Headers::choose([None, None]).is_err());
-        assert!(Headers::choose([Some(header(3)), Some(header(3))]).is_err());
+        // Equal sequence numbers (Disk2VHD): the first header when both agree...
+        let mut second = header(3);
+        second.file_write_guid = Guid([9; 16]);
+        let h = Headers::choose([Some(header(3)), Some(second)]).unwrap();
+        assert_eq!((h.current, h.cur().file_write_guid), (0, Guid([1; 16])));
+        // ...refused when they disagree on what to replay or on the data's identity.
+        let mut other_log = header(3);
+        other_log.log_guid = Guid([7; 16]);
+        let e = Headers::choose([Some(header(3)), Some(other_log)]).unwrap_err();
+        assert!(e.to_string().contains("log_guid"), "{e}");
+        let mut other_data = header(3);
+        other_data.data_write_guid = Guid([8; 16]);
+        let e = Headers::choose([Some(header(3)), Some(other_data)]).unwrap_err();
+        assert!(e.to_string().contains("data_write_guid"), "{e}");
         let mut b = header(1).to_bytes();
         b[100] ^= 1;
         assert!(Header::parse(&b).is_none());
