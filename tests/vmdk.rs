@@ -14,13 +14,10 @@ const MIB: u64 = 1 << 20;
 const SPLIT_SIZE: u64 = 2048 * MIB + 8 * MIB;
 
 fn rw() -> OpenOpts {
-    OpenOpts::default()
+    open_opts(false)
 }
 fn ro() -> OpenOpts {
-    OpenOpts {
-        read_only: true,
-        ..OpenOpts::default()
-    }
+    open_opts(true)
 }
 fn p(path: &Path) -> &str {
     path.to_str().unwrap()
@@ -67,6 +64,11 @@ fn make(dir: &Path, name: &str, opts: &str, size: u64, seed: u64) -> PathBuf {
     qemu_io("vmdk", &img, &cmds);
     assert_check_clean("vmdk", &img);
     img
+}
+
+/// A 16 MiB monolithicSparse VMDK filled by `make`.
+fn make_sparse(dir: &Path, name: &str, seed: u64) -> PathBuf {
+    make(dir, name, "subformat=monolithicSparse", 16 * MIB, seed)
 }
 
 /// `qemu-img convert -O raw` into a (sparse) file beside the image.
@@ -250,13 +252,7 @@ fn cid(img: &Path) -> u64 {
 #[test]
 fn delta_disk_over_parent_and_cid_linkage() {
     let dir = tmpdir();
-    let base = make(
-        dir.path(),
-        "base.vmdk",
-        "subformat=monolithicSparse",
-        16 * MIB,
-        20,
-    );
+    let base = make_sparse(dir.path(), "base.vmdk", 20);
     for zeroed in ["off", "on"] {
         delta_over(dir.path(), &base, zeroed);
     }
@@ -377,13 +373,7 @@ fn create_makes_what_qemu_accepts() {
         assert_eq!(code, 0, "imgfs check {opts}: {out}");
     }
     // A delta disk made by imgfs over a qemu-made parent.
-    let base = make(
-        dir.path(),
-        "b.vmdk",
-        "subformat=monolithicSparse",
-        16 * MIB,
-        30,
-    );
+    let base = make_sparse(dir.path(), "b.vmdk", 30);
     let child = dir.path().join("d.vmdk");
     let (code, out) = imgfs(&["create", "-f", "vmdk", "-b", "b.vmdk", p(&child)]);
     assert_eq!(code, 0, "{out}");
@@ -405,13 +395,7 @@ fn create_makes_what_qemu_accepts() {
 #[test]
 fn check_finds_and_repairs_damage() {
     let dir = tmpdir();
-    let img = make(
-        dir.path(),
-        "k.vmdk",
-        "subformat=monolithicSparse",
-        16 * MIB,
-        40,
-    );
+    let img = make_sparse(dir.path(), "k.vmdk", 40);
     assert_eq!(imgfs(&["check", p(&img)]).0, 0);
     let mut b = std::fs::read(&img).unwrap();
     let gd = u64::from_le_bytes(b[56..64].try_into().unwrap()) as usize * 512;
@@ -483,7 +467,7 @@ fn hostile_descriptors_and_headers_are_refused() {
         .to_string()
         .contains("64 TiB"));
     // Sparse header fields: grain size, GT size, directory outside the file, version.
-    let good = make(d, "g.vmdk", "subformat=monolithicSparse", 16 * MIB, 50);
+    let good = make_sparse(d, "g.vmdk", 50);
     let base = std::fs::read(&good).unwrap();
     for (at, val, what) in [
         (20usize, 3u64, "power of two"),
@@ -492,6 +476,8 @@ fn hostile_descriptors_and_headers_are_refused() {
         (56, 1 << 40, "outside the file"),
         (4, 9, "version"),
         (12, u64::MAX / 2, "64 TiB"),
+        // Found by the open_vmdk fuzz target: a sector offset whose byte offset overflows.
+        (28, u64::MAX, "outside any file"),
     ] {
         let mut b = base.clone();
         if at == 44 || at == 4 {

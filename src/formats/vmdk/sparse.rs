@@ -107,8 +107,14 @@ impl Header {
         if h.gd_entries() > MAX_GD_ENTRIES {
             return Err(Error::corrupt("VMDK grain directory too large"));
         }
-        if h.desc_size * SECTOR > super::descriptor::MAX_DESCRIPTOR {
+        if h.desc_size > super::descriptor::MAX_DESCRIPTOR / SECTOR {
             return Err(Error::corrupt("VMDK embedded descriptor larger than 1 MiB"));
+        }
+        // Sector offsets must stay byte offsets (found by the open_vmdk fuzz target).
+        let far = |s: u64| s > u64::MAX / SECTOR - super::descriptor::MAX_DESCRIPTOR;
+        if far(h.desc_offset) || far(h.rgd_offset) || (h.gd_offset != GD_AT_END && far(h.gd_offset))
+        {
+            return Err(Error::corrupt("VMDK header offset outside any file"));
         }
         Ok(h)
     }
