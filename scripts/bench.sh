@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Side-by-side benchmark: imgfs vs qemu-storage-daemon's FUSE export on the same images, interleaved A/B,
 # median of N repeats, plus the host-file O_DIRECT limit, mount-to-first-read and exit times for 16 TiB
-# images, and daemon peak RSS. Usage: scripts/bench.sh [--quick] [FORMAT...]   (default: raw qcow2 vhdx qed vpc vdi;
+# images, and daemon peak RSS. Usage: scripts/bench.sh [--quick] [FORMAT...]   (default: raw qcow2 vhdx qed vmdk vpc vdi;
 # add raw-pt for raw images served with FUSE passthrough). The fio jobs are scripts/fio/*.fio;
 # BENCH_CASES, BENCH_REPS, BENCH_SIZE, BENCH_RUNTIME and BENCH_DIR override the defaults;
 # BENCH_HOSTBUF=1 adds the buffered host-file probe to sequential-write cases.
@@ -24,7 +24,7 @@ for a in "$@"; do
   esac
 done
 # raw-pt (on request): the raw images again, served by imgfs with FUSE passthrough (qsd has none).
-[ ${#formats[@]} -gt 0 ] || formats=(raw qcow2 vhdx qed vpc vdi)
+[ ${#formats[@]} -gt 0 ] || formats=(raw qcow2 vhdx qed vmdk vpc vdi)
 size=${BENCH_SIZE:-4G}
 reps=${BENCH_REPS:-3}
 runtime=${BENCH_RUNTIME:-2}

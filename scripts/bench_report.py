@@ -9,7 +9,7 @@ CASES = ["seqread", "seqwrite-alloc", "seqwrite-over", "randread", "randwrite-al
 # Issue #9's targets, as imgfs/qsd ratios (allocating writes only for formats that allocate).
 TARGETS = {"seqread": 3.0, "randread": 2.5, "randwrite-over": 2.0, "seqwrite-over": 1.2,
            "seqwrite-alloc": 2.0, "randwrite-alloc": 2.0}
-ALLOCATING = {"qcow2", "qed", "vhdx"}
+ALLOCATING = {"qcow2", "qed", "vhdx", "vmdk"}
 
 def med(vals):
     return statistics.median(vals) if vals else 0.0

@@ -6,5 +6,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
 export IMGFS_CUTS=${IMGFS_CUTS:-1000} IMGFS_KILL_RUNS=${IMGFS_KILL_RUNS:-20}
-cargo test --release --test powercut --test reliability -- --nocapture --test-threads=2 2>&1 |
+cargo test --release --test powercut --test reliability --test vmdk_crash -- --nocapture --test-threads=2 2>&1 |
   grep -E "power cuts survived|kill -9 runs|not registered|panicked|test result"

@@ -116,3 +116,20 @@ for script in \
   add partition_table "$tmp/p$i"
 done
 echo "corpus/partition_table: $(ls corpus/partition_table | wc -l) seeds"
+# VMDK: sparse extents (plain, zeroed-grain, streamOptimized) and descriptors (split, flat).
+mkdir -p corpus/open_vmdk corpus/vmdk_descriptor
+qemu-img create -q -f vmdk "$tmp/v.vmdk" 1M
+qemu-io -f vmdk -c "write -s $tmp/data 4096 65536" "$tmp/v.vmdk" >/dev/null
+cp "$tmp/v.vmdk" corpus/open_vmdk/seed0
+qemu-img create -q -f vmdk -o zeroed_grain=on "$tmp/z.vmdk" 1M
+qemu-io -f vmdk -c "write -s $tmp/data 0 65536" -c "write -z 512k 65536" "$tmp/z.vmdk" >/dev/null
+cp "$tmp/z.vmdk" corpus/open_vmdk/seed1
+qemu-img convert -O vmdk -o subformat=streamOptimized "$tmp/v.vmdk" corpus/open_vmdk/seed2
+for sub in twoGbMaxExtentSparse monolithicFlat twoGbMaxExtentFlat; do
+  qemu-img create -q -f vmdk -o subformat=$sub "$tmp/$sub.vmdk" 3G
+  cp "$tmp/$sub.vmdk" corpus/vmdk_descriptor/$sub
+done
+printf '<Envelope/>' > "$tmp/a.ovf"
+cp corpus/open_vmdk/seed2 "$tmp/disk.vmdk"
+tar --format=ustar -C "$tmp" -cf corpus/vmdk_descriptor/ova a.ovf disk.vmdk
+echo "corpus/open_vmdk: 3 seeds; corpus/vmdk_descriptor: 4 seeds"

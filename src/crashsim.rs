@@ -9,9 +9,12 @@
 //! resize the cut interrupted or the size after it, and read zeros in the grown range.
 
 use crate::error::{Error, Result};
+use crate::host::HostFile;
 use crate::host::{FaultFile, SplitMix64};
-use crate::image::{Image, OpenOpts};
-use std::path::Path;
+use crate::image::{Image, OpenOpts, Preopened};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 #[derive(Debug, Clone)]
 pub struct Workload {
@@ -55,6 +58,22 @@ pub struct CutResult {
     pub evictions: u64,
     /// Resizes that completed before the cut.
     pub resizes: usize,
+    /// The other files of a multi-file image after the cut, in the order given.
+    pub siblings: Vec<Vec<u8>>,
+}
+
+/// Fault files for the other files of a multi-file image (split VMDK extents), by path.
+fn fault_siblings(files: &[(PathBuf, Vec<u8>)]) -> (Vec<Arc<FaultFile>>, Preopened) {
+    let faults: Vec<Arc<FaultFile>> = files
+        .iter()
+        .map(|(_, b)| FaultFile::new(b.clone()))
+        .collect();
+    let map: HashMap<PathBuf, HostFile> = files
+        .iter()
+        .zip(&faults)
+        .map(|((p, _), f)| (p.clone(), f.host_file(p, true)))
+        .collect();
+    (faults, Preopened(Some(Arc::new(map))))
 }
 
 /// Run one seeded workload on an image whose initial bytes are `initial`, cut the power, and check
@@ -67,12 +86,28 @@ pub fn run_cut(
     seed: u64,
     work: &Workload,
 ) -> Result<CutResult> {
+    run_cut_files(initial, &[], name, format, seed, work)
+}
+
+/// `run_cut` for an image made of several files: `siblings` are the other files (canonical
+/// paths as the image names them, and their initial bytes); each gets its own fault file and
+/// its own cut.
+pub fn run_cut_files(
+    initial: Vec<u8>,
+    siblings: &[(PathBuf, Vec<u8>)],
+    name: &Path,
+    format: &str,
+    seed: u64,
+    work: &Workload,
+) -> Result<CutResult> {
     let mut rng = SplitMix64::new(seed);
     let fault = FaultFile::new(initial);
+    let (sib_faults, preopened) = fault_siblings(siblings);
     let opts = OpenOpts {
         format: Some(format.to_string()),
         lock: false,
         cache_size: work.cache_size,
+        preopened,
         ..OpenOpts::default()
     };
     let img = Image::open_host(fault.host_file(name, true), &opts)?;
@@ -91,7 +126,10 @@ pub fn run_cut(
     // in the middle of a flush (between its syncs) or of a table write-back.
     let mut cut_at = rng.below(work.ops as u64 + 1) as usize;
     if rng.below(2) == 0 {
-        fault.fail_after_writes(rng.below(work.ops as u64 * 6));
+        let n = rng.below(work.ops as u64 * 6);
+        for f in std::iter::once(&fault).chain(&sib_faults) {
+            f.fail_after_writes(n);
+        }
         cut_at = work.ops;
     }
     let mut fsyncs = 0;
@@ -150,14 +188,26 @@ pub fn run_cut(
     }
     let evictions = img.format_stats().cache.evictions;
     let image = fault.crash_image(&mut rng);
+    let crashed: Vec<Vec<u8>> = sib_faults.iter().map(|f| f.crash_image(&mut rng)).collect();
     // The crashed bytes are taken; whatever closing `img` writes now goes to the discarded
     // in-memory file. (Forgetting it instead would leak the whole image on every cut.)
     drop(img);
     let largest = sizes.iter().copied().max().unwrap_or(size) as usize;
     durable.resize(largest, 0);
     unsure.resize(largest, false);
-    check_after_cut(&image, name, format, &durable, &unsure, &sizes, seed)?;
+    let after: Vec<(PathBuf, Vec<u8>)> = siblings
+        .iter()
+        .zip(&crashed)
+        .map(|((p, _), b)| (p.clone(), b.clone()))
+        .collect();
+    let want = Expected {
+        durable: &durable,
+        unsure: &unsure,
+        sizes: &sizes,
+    };
+    check_after_cut(&image, &after, name, format, &want, seed)?;
     Ok(CutResult {
+        siblings: crashed,
         image,
         ops_done,
         fsyncs,
@@ -166,23 +216,35 @@ pub fn run_cut(
     })
 }
 
-/// Reopen the crashed bytes read-only and read-write, and compare with what was durable. The
-/// image must have one of `sizes`; `durable` covers the largest.
+/// What a reopened image must show after a cut: one of `sizes`, and the `durable` guest bytes
+/// (covering the largest size) except where `unsure` (changed since the last completed fsync).
+struct Expected<'a> {
+    durable: &'a [u8],
+    unsure: &'a [bool],
+    sizes: &'a [u64],
+}
+
+/// Reopen the crashed bytes (and siblings) read-only and read-write, and compare with `want`.
 fn check_after_cut(
     image: &[u8],
+    siblings: &[(PathBuf, Vec<u8>)],
     name: &Path,
     format: &str,
-    durable: &[u8],
-    unsure: &[bool],
-    sizes: &[u64],
+    want: &Expected,
     seed: u64,
 ) -> Result<()> {
+    let Expected {
+        durable,
+        unsure,
+        sizes,
+    } = *want;
     for read_only in [true, false] {
         let fault = FaultFile::new(image.to_vec());
         let opts = OpenOpts {
             format: Some(format.to_string()),
             lock: false,
             read_only,
+            preopened: fault_siblings(siblings).1,
             ..OpenOpts::default()
         };
         let img = Image::open_host(fault.host_file(name, !read_only), &opts)
@@ -298,16 +360,12 @@ mod tests {
         // A FaultFile whose syncs "succeed" but keep nothing must be caught by the checker.
         let durable = vec![1u8; 16];
         let unsure = vec![false; 16];
-        let e = check_after_cut(
-            &[0u8; 16],
-            Path::new("x"),
-            "raw",
-            &durable,
-            &unsure,
-            &[16],
-            7,
-        )
-        .unwrap_err();
+        let want = Expected {
+            durable: &durable,
+            unsure: &unsure,
+            sizes: &[16],
+        };
+        let e = check_after_cut(&[0u8; 16], &[], Path::new("x"), "raw", &want, 7).unwrap_err();
         assert!(e.to_string().contains("lost after cut"), "{e}");
     }
 }

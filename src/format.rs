@@ -6,12 +6,18 @@ use crate::host::HostFile;
 use serde::Serialize;
 use std::collections::BTreeMap;
 
+/// Default metadata cache budget per image: enough L2 tables to map a 1 TiB qcow2 with 64 KiB
+/// clusters twice over a 64 GiB working set, small enough for a 16 MiB RSS target.
+pub const DEFAULT_CACHE_SIZE: u64 = 4 << 20;
 /// One run of guest bytes starting at the offset asked for. `len` is never 0 and never more
 /// than was asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Extent {
     /// Stored in the data file (the image file, or an external data file) at `host`.
     Data { host: u64, len: u64 },
+    /// Stored at `host` in the format's file number `file` (`BlockMap::extent_file`): images
+    /// made of several files (VMDK split and flat extents). `Data` keeps meaning "the data file".
+    InFile { file: u32, host: u64, len: u64 },
     /// Reads as zeros.
     Zero { len: u64 },
     /// Not allocated here: read from the backing image at the same guest offset (zeros when
@@ -25,6 +31,7 @@ impl Extent {
     pub fn len(&self) -> u64 {
         match *self {
             Extent::Data { len, .. }
+            | Extent::InFile { len, .. }
             | Extent::Zero { len }
             | Extent::Backing { len }
             | Extent::Format { len } => len,
@@ -225,8 +232,8 @@ pub trait BlockMap: Send + Sync {
         Err(Error::unsupported("format-served extent not supported").at(off))
     }
 
-    /// Make `[off, off+len)` writable in place and return where (a `Data` extent, possibly
-    /// shorter than `len`). Allocates as the format requires: the rest of a freshly allocated
+    /// Make `[off, off+len)` writable in place and return where (a `Data` or `InFile` extent,
+    /// possibly shorter than `len`). Allocates as the format requires: the rest of a freshly allocated
     /// cluster is filled (from `below`, from the old cluster, or zeros) before this returns, so
     /// the engine only writes the guest bytes.
     fn map_write(&self, off: u64, len: u64, below: &dyn Below) -> Result<Extent>;
@@ -271,6 +278,19 @@ pub trait BlockMap: Send + Sync {
     /// The file `Data` extents point into when it is not the image file itself.
     fn data_file(&self) -> Option<HostFile> {
         None
+    }
+
+    /// The file an `Extent::InFile { file, .. }` points into (opened by the format through
+    /// `OpenCtx::open_sibling`, or the image file itself). None: no such file (a format bug,
+    /// reported as corruption).
+    fn extent_file(&self, _file: u32) -> Option<HostFile> {
+        None
+    }
+
+    /// False when the format serves this image read-only whatever the mount asked (e.g. a
+    /// streamOptimized VMDK); the engine then treats the image as read-only.
+    fn writable(&self) -> bool {
+        true
     }
 
     fn stats(&self) -> FormatStats {

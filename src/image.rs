@@ -4,6 +4,7 @@
 //!
 //! ```text
 //!   read_at(off, len):  map_read -> Data{host}  -> pread data file
+//!                                -> InFile{file, host} -> pread the format's file number `file`
 //!                                -> Zero        -> fill zeros
 //!                                -> Backing     -> backing.read_at (zeros past its end)
 //!                                -> Format      -> map.read_format (compressed clusters)
@@ -25,9 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-/// Default metadata cache budget per image: enough L2 tables to map a 1 TiB qcow2 with 64 KiB
-/// clusters twice over a 64 GiB working set, small enough for a 16 MiB RSS target.
-pub const DEFAULT_CACHE_SIZE: u64 = 4 << 20;
+pub use crate::format::DEFAULT_CACHE_SIZE;
 pub const DEFAULT_MAX_CHAIN: usize = 16;
 
 #[derive(Debug, Clone)]
@@ -44,6 +43,20 @@ pub struct OpenOpts {
     /// Where to look for a parent named only by its UUID (VirtualBox differencing VDIs); the
     /// child's own directory when None.
     pub backing_dir: Option<PathBuf>,
+    /// Files a format names (extents, data files) already open, by resolved path: the crash
+    /// simulator serves multi-file images from `FaultFile`s this way.
+    pub preopened: Preopened,
+}
+
+/// Host files handed to `Image::open` instead of opening these paths (see `OpenOpts`).
+#[derive(Clone, Default)]
+pub struct Preopened(pub Option<Arc<std::collections::HashMap<PathBuf, HostFile>>>);
+
+impl std::fmt::Debug for Preopened {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.0.as_ref().map_or(0, |m| m.len());
+        write!(f, "Preopened({n} files)")
+    }
 }
 
 impl Default for OpenOpts {
@@ -56,6 +69,7 @@ impl Default for OpenOpts {
             max_chain: DEFAULT_MAX_CHAIN,
             lock: true,
             backing_dir: None,
+            preopened: Preopened::default(),
         }
     }
 }
@@ -146,6 +160,40 @@ impl Image {
         Self::open_at_depth(path, opts, 0)
     }
 
+    /// Open an image file, or each disk of an OVA appliance (a tar archive of VMDKs, served
+    /// read-only from inside it) when the format is not forced.
+    pub fn open_all(path: &Path, opts: &OpenOpts) -> Result<Vec<Image>> {
+        use crate::formats::vmdk::ova;
+        let file = HostFile::open(path, false)?;
+        let mut head = [0u8; 512];
+        let n = file.read_at(&mut head, 0)?;
+        if opts.format.is_some() || !ova::is_tar(&head[..n]) {
+            drop(file);
+            return Ok(vec![Self::open(path, opts)?]);
+        }
+        if opts.lock {
+            lock::acquire(&file, LockMode::for_access(false))?;
+        }
+        let disks = ova::disks(&file).map_err(|e| e.in_file(path))?;
+        if disks.is_empty() {
+            return Err(Error::invalid("OVA archive holds no .vmdk disk").in_file(path));
+        }
+        let member_opts = OpenOpts {
+            read_only: true,
+            format: Some("vmdk".into()),
+            lock: false,
+            ..opts.clone()
+        };
+        disks
+            .iter()
+            .map(|m| {
+                Self::open_host(ova::member_file(&file, m), &member_opts).map_err(|e| {
+                    Error::new(e.kind(), format!("OVA member {}: {e}", m.name)).in_file(path)
+                })
+            })
+            .collect()
+    }
+
     fn open_at_depth(path: &Path, opts: &OpenOpts, depth: usize) -> Result<Image> {
         let file = HostFile::open(path, !opts.read_only)?;
         if opts.lock {
@@ -171,6 +219,9 @@ impl Image {
         let open_sibling = |name: &str| -> Result<HostFile> {
             let p = resolve_named_file(&dir, name, opts.allow_backing_outside)
                 .map_err(|e| e.in_file(path))?;
+            if let Some(f) = opts.preopened.0.as_ref().and_then(|m| m.get(&p)) {
+                return Ok(f.clone());
+            }
             let f = HostFile::open(&p, !opts.read_only)?;
             if opts.lock {
                 lock::acquire(&f, LockMode::for_access(!opts.read_only))?;
@@ -197,13 +248,14 @@ impl Image {
             map.check_backing(&b.info()).map_err(|e| e.in_file(path))?;
         }
         let probed_raw = probed && format.name() == "raw";
+        let read_only = opts.read_only || !map.writable();
         Ok(Self::assemble(
             path,
             file,
             map,
             format.name(),
             backing,
-            opts.read_only,
+            read_only,
             probed_raw,
         ))
     }
@@ -414,13 +466,20 @@ impl Image {
 
     fn plan_into(&self, off: u64, len: usize, plan: &mut Vec<ReadPiece>) -> Result<()> {
         let not_plannable = || Error::unsupported("read needs copying");
-        let fd = self.data.raw_fd().ok_or_else(not_plannable)?;
         self.walk_extents(off, len, |pos, n, ext| {
             match ext {
                 Extent::Data { host, .. } => push_piece(
                     plan,
                     ReadPiece::Host {
-                        fd,
+                        fd: self.data.raw_fd().ok_or_else(not_plannable)?,
+                        off: host,
+                        len: n,
+                    },
+                ),
+                Extent::InFile { file, host, .. } => push_piece(
+                    plan,
+                    ReadPiece::Host {
+                        fd: self.extent_file(file)?.raw_fd().ok_or_else(not_plannable)?,
                         off: host,
                         len: n,
                     },
@@ -473,6 +532,9 @@ impl Image {
             let part = &mut buf[(pos - off) as usize..][..n];
             match ext {
                 Extent::Data { host, .. } => self.read_data(part, host, pos),
+                Extent::InFile { file, host, .. } => {
+                    self.extent_file(file)?.read_zerofill(part, host)
+                }
                 Extent::Zero { .. } => {
                     part.fill(0);
                     Ok(())
@@ -481,6 +543,13 @@ impl Image {
                 Extent::Format { .. } => self.map.read_format(pos, part),
             }
         })
+    }
+
+    /// The file an `InFile` extent names.
+    fn extent_file(&self, file: u32) -> Result<HostFile> {
+        self.map
+            .extent_file(file)
+            .ok_or_else(|| Error::corrupt(format!("block map named unknown file number {file}")))
     }
 
     /// Read a `Data` extent. Past the end of the file reads zeros (a freshly allocated cluster
@@ -522,14 +591,17 @@ impl Image {
             let pos = off + done as u64;
             let want = (buf.len() - done) as u64;
             let ext = self.map.map_write(pos, want, self)?;
-            let Extent::Data { host, len } = ext else {
-                return Err(Error::corrupt(format!("map_write gave {ext:?}")).at(pos));
-            };
-            let n = len.min(want) as usize;
+            let n = ext.len().min(want) as usize;
             if n == 0 {
                 return Err(Error::corrupt("block map returned an empty extent").at(pos));
             }
-            self.data.write_all_at(&buf[done..done + n], host)?;
+            match ext {
+                Extent::Data { host, .. } => self.data.write_all_at(&buf[done..done + n], host)?,
+                Extent::InFile { file, host, .. } => self
+                    .extent_file(file)?
+                    .write_all_at(&buf[done..done + n], host)?,
+                _ => return Err(Error::corrupt(format!("map_write gave {ext:?}")).at(pos)),
+            }
             done += n;
         }
         Ok(())
@@ -755,7 +827,7 @@ impl Image {
             let ext = self.map.map_status(off, size - off)?;
             let n = ext.len().max(1);
             let is_data = match ext {
-                Extent::Data { .. } | Extent::Format { .. } => Some(true),
+                Extent::Data { .. } | Extent::InFile { .. } | Extent::Format { .. } => Some(true),
                 Extent::Zero { .. } => Some(false),
                 Extent::Backing { .. } => None,
             };

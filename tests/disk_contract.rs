@@ -109,20 +109,8 @@ fn containers_imgfs_cannot_serve_are_refused_unless_raw_is_asked_for() {
         qemu_img(&args);
         cases.push((p, label));
     };
-    create("sparse.vmdk", "vmdk", &[], "VMDK");
-    create(
-        "desc.vmdk",
-        "vmdk",
-        &["-o", "subformat=monolithicFlat"],
-        "VMDK descriptor",
-    );
-    create(
-        "stream.vmdk",
-        "vmdk",
-        &["-o", "subformat=streamOptimized"],
-        "VMDK",
-    );
-    // VDI and VHD (dynamic, and fixed by its trailing footer) are served: tests/vdi.rs, vhd.rs.
+    // VMDK, VDI and VHD (dynamic, and fixed by its trailing footer) are served: tests/vmdk.rs,
+    // vdi.rs, vhd.rs.
     create("x.hdd", "parallels", &[], "Parallels");
     create(
         "x.luks",
@@ -158,16 +146,16 @@ fn containers_imgfs_cannot_serve_are_refused_unless_raw_is_asked_for() {
     }
 
     // --format raw exposes the container file itself, on purpose.
-    let vmdk = &cases[0].0;
-    let m = Mount::new(&[vmdk], &mnt, &["--format", "raw", "-r"]);
+    let vdi = &cases[0].0;
+    let m = Mount::new(&[vdi], &mnt, &["--format", "raw", "-r"]);
     assert_same(
-        &std::fs::read(m.file("sparse.raw")).unwrap(),
-        &std::fs::read(vmdk).unwrap(),
-        "vmdk exposed as raw",
+        &std::fs::read(m.file("x.raw")).unwrap(),
+        &std::fs::read(vdi).unwrap(),
+        "vdi exposed as raw",
     );
     m.umount();
 
-    // A directory mount skips them (the raw extent of the flat VMDK is a raw disk and stays).
+    // A directory mount skips them.
     let img = d.join("ok.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", s(&img), "1M"]);
     let m = Mount::new(&[d], &mnt, &["-r"]);

@@ -32,6 +32,7 @@ fn variants(fmt: &str) -> Vec<(&'static str, &'static str)> {
         "vhdx" => vec![("block_size=1M,log_size=1M", "8M")],
         "vpc" => vec![("subformat=dynamic", "8M"), ("subformat=fixed", "4M")],
         "vdi" => vec![("", "8M"), ("static=on", "4M")],
+        "vmdk" => vec![("", "4M"), ("zeroed_grain=on", "4M")],
         _ => vec![],
     }
 }
@@ -204,4 +205,9 @@ fn powercut_vpc() {
 #[test]
 fn powercut_vdi() {
     powercut("vdi");
+}
+
+#[test]
+fn powercut_vmdk() {
+    powercut("vmdk");
 }

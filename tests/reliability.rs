@@ -239,3 +239,8 @@ fn kill9_vpc() {
 fn kill9_vdi() {
     kill_many("vdi", 5);
 }
+
+#[test]
+fn kill9_vmdk() {
+    kill_many("vmdk", 5);
+}

@@ -33,14 +33,33 @@ pub fn run(args: InfoArgs) -> i32 {
         backing_dir: args.backing_dir.clone(),
         ..OpenOpts::default()
     };
-    let img = match Image::open(&args.image, &opts) {
+    let imgs = match Image::open_all(&args.image, &opts) {
         Ok(i) => i,
         Err(e) => {
             eprintln!("imgfs: {e}");
             return 1;
         }
     };
-    let v = describe(&img);
+    if imgs.len() > 1 || imgs.first().is_some_and(|i| i.path() != args.image) {
+        // An OVA appliance: its disks.
+        let disks: Vec<Value> = imgs.iter().map(describe).collect();
+        if args.json {
+            let v = json!({"filename": args.image.display().to_string(), "format": "ova", "disks": disks});
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        } else {
+            println!(
+                "appliance: {} (OVA, {} disks)",
+                args.image.display(),
+                disks.len()
+            );
+            for d in &disks {
+                println!();
+                print_text(d);
+            }
+        }
+        return 0;
+    }
+    let v = describe(&imgs[0]);
     if args.json {
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
     } else {

@@ -117,11 +117,16 @@ fn mount(args: &MountArgs) -> Result<i32> {
     };
     let files = expand_inputs(inputs, &opts)?;
     let mut images = Vec::with_capacity(files.len());
-    for f in &files {
-        let img = Image::open(f, &opts)?;
+    for img in files
+        .iter()
+        .map(|f| Image::open_all(f, &opts))
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .flatten()
+    {
         log::info!(
             "{}: {} image, {} bytes{}",
-            f.display(),
+            img.path().display(),
             img.format(),
             img.size(),
             if img.is_read_only() {

@@ -1,7 +1,7 @@
 //! The format registry. Adding a format is one module plus one line in `FORMATS`.
 
 use crate::error::{Error, Result};
-use crate::image::Format;
+use crate::format::Format;
 
 pub mod qcow;
 pub mod qcow2;
@@ -10,6 +10,7 @@ pub mod raw;
 pub mod vdi;
 pub mod vhd;
 pub mod vhdx;
+pub mod vmdk;
 
 /// Every known format, probed in this order, one per line.
 static FORMATS: &[&dyn Format] = &[
@@ -19,6 +20,7 @@ static FORMATS: &[&dyn Format] = &[
     &vhdx::Vhdx,
     &vhd::Vpc,
     &vdi::Vdi,
+    &vmdk::Vmdk,
     &raw::Raw, // no magic: must stay last
 ];
 
@@ -97,7 +99,8 @@ const FOREIGN: &[Foreign] = &[
     head(0, b"QED\0", "QED", &["qed"]),
     head(0, b"vhdxfile", "VHDX", &["vhdx"]),
     head(0, b"KDMV", "VMDK", &["vmdk"]),
-    head(0, b"COWD", "VMDK (ESX COWD)", &["vmdk"]),
+    // The vmdk format reads KDMV extents and descriptors, not VMDK3 / ESX COWD extents.
+    head(0, b"COWD", "VMDK (ESX COWD)", &[]),
     head(0, b"# Disk DescriptorFile", "VMDK descriptor", &["vmdk"]),
     head(0, b"conectix", "VHD (vpc)", &["vpc", "vhd"]),
     head(0x40, b"\x7f\x10\xda\xbe", "VDI", &["vdi"]),
@@ -246,7 +249,8 @@ mod tests {
         };
         assert_eq!(detect(&v9, &zeros).unwrap().name(), "qcow2");
         // image_magic (the raw-write guard) sees start-of-file signatures only.
-        assert_eq!(image_magic(&with(0, b"KDMV")), Some("VMDK"));
+        assert_eq!(image_magic(&with(0, b"KDMV")), Some("vmdk"));
+        assert_eq!(image_magic(&with(0, b"COWD")), Some("VMDK (ESX COWD)"));
         assert_eq!(image_magic(&fixed), None);
     }
 }

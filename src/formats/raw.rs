@@ -1,8 +1,8 @@
 //! raw: guest offset = host offset. Discard punches holes; SEEK_DATA/SEEK_HOLE come from the host.
 
 use crate::error::{Error, Result};
+use crate::format::{Below, BlockMap, CreateOpts, Extent, Format, ImageInfo, OpenCtx};
 use crate::host::HostFile;
-use crate::image::{Below, BlockMap, CreateOpts, Extent, Format, ImageInfo, OpenCtx};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 pub struct Raw;

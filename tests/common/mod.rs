@@ -171,16 +171,17 @@ pub fn engine_read_all(img: &imgfs::Image) -> Vec<u8> {
     v
 }
 
+/// Default open options, read-only or read-write.
+pub fn open_opts(read_only: bool) -> imgfs::OpenOpts {
+    imgfs::OpenOpts {
+        read_only,
+        ..imgfs::OpenOpts::default()
+    }
+}
+
 /// Open an image file (read-only or read-write), read the whole guest, close it.
 pub fn open_read_all(p: &Path, read_only: bool) -> Vec<u8> {
-    let im = imgfs::Image::open(
-        p,
-        &imgfs::OpenOpts {
-            read_only,
-            ..imgfs::OpenOpts::default()
-        },
-    )
-    .unwrap();
+    let im = imgfs::Image::open(p, &open_opts(read_only)).unwrap();
     let v = engine_read_all(&im);
     im.close().unwrap();
     v

@@ -5,8 +5,8 @@
 
 use super::header::{Header, COMPRESSED};
 use crate::error::Result;
+use crate::format::{CheckReport, Repair};
 use crate::host::HostFile;
-use crate::image::{CheckReport, Repair};
 use std::collections::HashSet;
 
 pub fn check(file: &HostFile, h: &Header, repair: Repair) -> Result<CheckReport> {

@@ -5,8 +5,8 @@
 
 use super::header::{Header, HEADER_LEN, MAX_BACKING_NAME};
 use crate::error::{Error, Result};
+use crate::format::CreateOpts;
 use crate::host::HostFile;
-use crate::image::CreateOpts;
 
 pub fn create(file: &HostFile, opts: &CreateOpts) -> Result<()> {
     if let Some(k) = opts.options.keys().next() {

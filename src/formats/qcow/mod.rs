@@ -22,11 +22,11 @@ mod resize;
 use crate::cache::{TableCache, TableIo};
 use crate::error::{Error, Result};
 use crate::format::{write_fill, Prefetched};
-use crate::host::HostFile;
-use crate::image::{
+use crate::format::{
     BackingRef, Below, BlockMap, CheckReport, CreateOpts, Extent, Format, FormatStats, ImageInfo,
     OpenCtx, Repair,
 };
+use crate::host::HostFile;
 use header::{Header, COMPRESSED, HEADER_LEN};
 use parking_lot::{Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -8,9 +8,9 @@ use super::map::{self, Alloc, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED
 use super::refcount::Refcounts;
 use super::{read_header, snapshot, Qcow2Map};
 use crate::error::{Error, Result};
+use crate::format::{CheckReport, Repair};
 use crate::formats::{be32, be64};
 use crate::host::HostFile;
-use crate::image::{CheckReport, Repair};
 
 #[derive(Default)]
 pub struct Walk {

@@ -12,8 +12,8 @@ use super::header::{
 use super::refcount::block_set;
 use super::Qcow2Map;
 use crate::error::{Error, Result};
+use crate::format::{CreateOpts, OpenCtx, DEFAULT_CACHE_SIZE};
 use crate::host::HostFile;
-use crate::image::{CreateOpts, OpenCtx, DEFAULT_CACHE_SIZE};
 
 struct Opts {
     cluster_bits: u32,
@@ -260,7 +260,7 @@ pub fn create(file: &HostFile, opts: &CreateOpts) -> Result<()> {
         };
         let map = Qcow2Map::open(file.clone(), &ctx)?;
         super::write::preallocate(&map)?;
-        crate::image::BlockMap::close(&map)?;
+        crate::format::BlockMap::close(&map)?;
     }
     Ok(())
 }

@@ -30,11 +30,11 @@ mod snapshot;
 mod write;
 
 use crate::error::{Error, Result};
-use crate::host::HostFile;
-use crate::image::{
+use crate::format::{
     BackingRef, Below, BlockMap, CheckReport, CreateOpts, Extent, Format, FormatStats, ImageInfo,
     OpenCtx, Repair, SnapshotInfo,
 };
+use crate::host::HostFile;
 use header::Header;
 use map::{Alloc, Geo, Mapper, Piece, L1};
 use refcount::Refcounts;

@@ -9,9 +9,9 @@
 
 use super::header::{Header, MAX_L1_BYTES};
 use crate::error::{Error, Result};
+use crate::format::SnapshotInfo;
 use crate::formats::{be32, be64};
 use crate::host::HostFile;
-use crate::image::SnapshotInfo;
 
 #[derive(Debug, Clone)]
 pub struct Snapshot {

@@ -20,7 +20,7 @@ use super::map::{
 use super::Qcow2Map;
 use crate::error::{Error, Result};
 use crate::format::{write_fill, Fill};
-use crate::image::{Below, Extent};
+use crate::format::{Below, Extent};
 use std::sync::atomic::Ordering;
 
 enum Src<'a> {

@@ -6,8 +6,8 @@
 use super::header::{Header, F_NEED_CHECK};
 use super::table;
 use crate::error::{Error, Result};
+use crate::format::{CheckReport, Repair};
 use crate::host::HostFile;
-use crate::image::{CheckReport, Repair};
 
 /// Bitmap of referenced clusters, bounded by the file size (at most 128 MiB of bits).
 struct Used {

@@ -7,8 +7,8 @@
 
 use super::header::{self, Header, F_BACKING_FILE, F_BACKING_FORMAT_NO_PROBE, HEADER_LEN, MAGIC};
 use crate::error::{Error, Result};
+use crate::format::CreateOpts;
 use crate::host::HostFile;
-use crate::image::CreateOpts;
 
 const DEFAULT_CLUSTER_SIZE: u32 = 64 << 10;
 const DEFAULT_TABLE_SIZE: u32 = 4;

@@ -22,11 +22,11 @@ mod write;
 use crate::cache::TableCache;
 use crate::error::{Error, Result};
 use crate::format::Prefetched;
-use crate::host::HostFile;
-use crate::image::{
+use crate::format::{
     BackingRef, Below, BlockMap, CheckReport, CreateOpts, Extent, Format, FormatStats, ImageInfo,
     OpenCtx, Repair,
 };
+use crate::host::HostFile;
 use header::{Header, F_BACKING_FORMAT_NO_PROBE, F_NEED_CHECK, HEADER_LEN, KNOWN_AUTOCLEAR};
 use parking_lot::{Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

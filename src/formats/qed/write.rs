@@ -12,7 +12,7 @@ use super::table::{self, Entry};
 use super::{Alloc, QedMap};
 use crate::error::Result;
 use crate::format::{write_fill, Fill, Prefetched};
-use crate::image::{Below, Extent};
+use crate::format::{Below, Extent};
 use std::sync::atomic::Ordering;
 
 impl QedMap {

@@ -10,7 +10,7 @@ use super::bat::{self, PAGE_SIZE};
 use super::header::MIB;
 use super::map::{State, VhdxMap};
 use crate::error::{Error, Result};
-use crate::image::Below;
+use crate::format::Below;
 
 impl VhdxMap {
     /// Host offset of `block`'s chunk sector bitmap, if present.

@@ -3,8 +3,8 @@
 use super::bat;
 use super::map::VhdxMap;
 use crate::error::Result;
+use crate::format::{CheckReport, Repair};
 use crate::host::HostFile;
-use crate::image::{CheckReport, Repair};
 
 /// Open the image (replaying a dirty log into the file only when repairing), then walk the
 /// whole BAT: invalid states, blocks inside the header or metadata, past the end of the file,
@@ -72,7 +72,7 @@ pub fn check(file: HostFile, repair: Repair) -> Result<CheckReport> {
         }
     }
     if !read_only {
-        use crate::image::BlockMap;
+        use crate::format::BlockMap;
         map.close()?;
     }
     Ok(r)

@@ -14,8 +14,8 @@ use super::bat::{self, Geometry};
 use super::header::{Guid, Header, Region, RegionTable, HEADER_OFFSETS, MIB, REGION_OFFSETS};
 use super::metadata::{Metadata, MAX_VIRTUAL_SIZE};
 use crate::error::{Error, Result};
+use crate::format::CreateOpts;
 use crate::host::HostFile;
-use crate::image::CreateOpts;
 
 struct Params {
     block_size: u64,
@@ -291,14 +291,14 @@ mod tests {
         let fault = FaultFile::new(vec![]);
         let f = fault.host_file(Path::new("c.vhdx"), true);
         let mut co = CreateOpts {
-            backing: Some(crate::image::BackingRef {
+            backing: Some(crate::format::BackingRef {
                 name: "p.raw".into(),
                 format: Some("raw".into()),
             }),
             ..CreateOpts::default()
         };
         assert!(create(&f, &co).is_err(), "no parent info");
-        co.backing_info = Some(crate::image::ImageInfo {
+        co.backing_info = Some(crate::format::ImageInfo {
             format: "raw",
             virtual_size: MIB,
             cluster_size: 512,

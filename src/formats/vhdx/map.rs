@@ -6,9 +6,9 @@ use super::log::{self, LogOp, NewEntry};
 use super::metadata::{self, Metadata};
 use crate::cache::{TableCache, TableIo};
 use crate::error::{Error, Result};
+use crate::format::{BackingRef, Below, BlockMap, Extent, FormatStats, ImageInfo};
 use crate::formats::le64;
 use crate::host::HostFile;
-use crate::image::{BackingRef, Below, BlockMap, Extent, FormatStats, ImageInfo};
 use parking_lot::{Mutex, MutexGuard, RwLock};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -687,8 +687,8 @@ impl BlockMap for VhdxMap {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::format::{CreateOpts, NoBelow};
     use crate::host::FaultFile;
-    use crate::image::{CreateOpts, NoBelow};
     use std::path::Path;
     use std::sync::Arc;
 
@@ -835,7 +835,7 @@ mod tests {
         details.insert("data_write_guid".into(), Guid([1; 16]).to_braced().into());
         let opts = CreateOpts {
             options: [("block_size".to_string(), "1M".to_string())].into(),
-            backing: Some(crate::image::BackingRef {
+            backing: Some(crate::format::BackingRef {
                 name: "p.vhdx".into(),
                 format: Some("vhdx".into()),
             }),

@@ -21,8 +21,8 @@ mod metadata;
 mod resize;
 
 use crate::error::Result;
+use crate::format::{BlockMap, CheckReport, CreateOpts, Format, OpenCtx, Repair};
 use crate::host::HostFile;
-use crate::image::{BlockMap, CheckReport, CreateOpts, Format, OpenCtx, Repair};
 
 pub struct Vhdx;
 
