@@ -46,6 +46,9 @@ model_runs! {
     stress_vhdx: "vhdx", "0x5108";
     stress_vhdx_4k: "vhdx-4k", "0x5109";
     stress_vhdx_diff: "vhdx-diff", "0x510a";
+    stress_vmdk: "vmdk", "0x510b";
+    stress_vpc: "vpc", "0x510c";
+    stress_vdi: "vdi", "0x510d";
 }
 
 /// ext4 inside the exposed file of each format: several processes, fstrim, e2fsck -fn, checks.

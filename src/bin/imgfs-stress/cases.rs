@@ -191,6 +191,49 @@ pub const CASES: &[Case] = &[
             "$IMGFS create -f vhdx -b parent.vhdx $IMG >/dev/null",
         ],
     },
+    Case {
+        name: "vmdk",
+        fmt: "vmdk",
+        cluster: 64 << 10,
+        backing: false,
+        qemu_check: true,
+        initial: "$IMG",
+        qemu_reads: true,
+        snapshot: "",
+        create: &[
+            "qemu-img create -q -f vmdk $IMG $SIZE",
+            "FMT=vmdk; eval \"$QEMU_FILL\"",
+        ],
+    },
+    // force_size: the disk is SIZE bytes, not SIZE rounded to a CHS geometry.
+    Case {
+        name: "vpc",
+        fmt: "vpc",
+        cluster: 2 << 20,
+        backing: false,
+        qemu_check: false,
+        initial: "$IMG",
+        qemu_reads: true,
+        snapshot: "",
+        create: &[
+            "qemu-img create -q -f vpc -o force_size=on $IMG $SIZE",
+            "FMT=vpc; eval \"$QEMU_FILL\"",
+        ],
+    },
+    Case {
+        name: "vdi",
+        fmt: "vdi",
+        cluster: 1 << 20,
+        backing: false,
+        qemu_check: true,
+        initial: "$IMG",
+        qemu_reads: true,
+        snapshot: "",
+        create: &[
+            "qemu-img create -q -f vdi $IMG $SIZE",
+            "FMT=vdi; eval \"$QEMU_FILL\"",
+        ],
+    },
 ];
 
 pub fn find(name: &str) -> Option<&'static Case> {
