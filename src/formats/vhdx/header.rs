@@ -55,51 +55,18 @@ impl Guid {
 
     /// A fresh random (version 4) GUID.
     pub fn random() -> Result<Guid> {
-        use std::io::Read;
-        let mut g = [0u8; 16];
-        std::fs::File::open("/dev/urandom")
-            .and_then(|mut f| f.read_exact(&mut g))
-            .map_err(|e| Error::io("cannot read /dev/urandom for a GUID", e))?;
-        g[7] = (g[7] & 0x0f) | 0x40;
-        g[8] = (g[8] & 0x3f) | 0x80;
-        Ok(Guid(g))
+        Ok(Guid(uuid::Uuid::new_v4().to_bytes_le()))
     }
 
-    /// `{XXXXXXXX-XXXX-XXXX-XXXX-XXXXXXXXXXXX}` as used by parent_linkage.
+    /// `{xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx}` as used by parent_linkage.
     pub fn to_braced(self) -> String {
-        let g = &self.0;
-        format!(
-            "{{{:08x}-{:04x}-{:04x}-{:02x}{:02x}-{:02x}{:02x}{:02x}{:02x}{:02x}{:02x}}}",
-            u32::from_le_bytes([g[0], g[1], g[2], g[3]]),
-            u16::from_le_bytes([g[4], g[5]]),
-            u16::from_le_bytes([g[6], g[7]]),
-            g[8],
-            g[9],
-            g[10],
-            g[11],
-            g[12],
-            g[13],
-            g[14],
-            g[15]
-        )
+        uuid::Uuid::from_bytes_le(self.0).braced().to_string()
     }
 
     /// Parse the braced (or bare) textual form.
     pub fn parse(s: &str) -> Option<Guid> {
-        let s = s.trim().trim_start_matches('{').trim_end_matches('}');
-        let parts: Vec<&str> = s.split('-').collect();
-        if parts.len() != 5 || parts[3].len() != 4 || parts[4].len() != 12 {
-            return None;
-        }
-        let d1 = u32::from_str_radix(parts[0], 16).ok()?;
-        let d2 = u16::from_str_radix(parts[1], 16).ok()?;
-        let d3 = u16::from_str_radix(parts[2], 16).ok()?;
-        let tail = format!("{}{}", parts[3], parts[4]);
-        let mut d4 = [0u8; 8];
-        for (i, b) in d4.iter_mut().enumerate() {
-            *b = u8::from_str_radix(tail.get(2 * i..2 * i + 2)?, 16).ok()?;
-        }
-        Some(Guid::from_fields(d1, d2, d3, d4))
+        let u = uuid::Uuid::parse_str(s.trim()).ok()?;
+        Some(Guid(u.to_bytes_le()))
     }
 }
 
