@@ -546,3 +546,43 @@ pub fn write_block_pattern(
     im.write_zeroes(zero_at, 2 * block, true).unwrap();
     want[zero_at as usize..(zero_at + 2 * block) as usize].fill(0);
 }
+
+/// Power cuts (crash simulator, 30 seeds) while writing into the differencing child `child` of
+/// format `fmt` whose bytes are `initial`, with the default cache and with a one-table cache (so
+/// tables are also written back by eviction). Every fifth crashed image is written to `crashed`
+/// and must pass each of `checks` (imgfs argument lists, the image path appended).
+pub fn cut_differencing_child(
+    initial: &[u8],
+    child: &Path,
+    fmt: &str,
+    crashed: &Path,
+    checks: &[&[&str]],
+) {
+    use imgfs::crashsim::{run_many, Workload};
+    for cache_size in [imgfs::image::DEFAULT_CACHE_SIZE, 1] {
+        let work = Workload {
+            ops: 40,
+            max_write: 64 << 10,
+            cache_size,
+            ..Workload::default()
+        };
+        let n = run_many(initial, child, fmt, 0..30, &work, |seed, cut| {
+            if seed % 5 == 0 {
+                std::fs::write(crashed, &cut.image).unwrap();
+                for args in checks {
+                    let mut args = args.to_vec();
+                    args.push(crashed.to_str().unwrap());
+                    let out = run(IMGFS, &args);
+                    assert!(
+                        out.status.success(),
+                        "seed {seed}: imgfs {args:?}: {}",
+                        String::from_utf8_lossy(&out.stdout)
+                    );
+                }
+            }
+            Ok(())
+        })
+        .unwrap_or_else(|e| panic!("cache {cache_size}: {e}"));
+        assert_eq!(n, 30);
+    }
+}
