@@ -465,7 +465,7 @@ impl BlockMap for QcowMap {
             // Copy-on-write source read before the allocation lock.
             (Entry::Unalloc, _) => {
                 let cstart = off - self.in_cluster(off);
-                let size = self.hdr.virtual_size();
+                let size = self.size.load(Ordering::Acquire);
                 Prefetched::read(below, cstart, self.cs, (off, len), size)?
             }
             _ => None,

@@ -282,7 +282,10 @@ impl BlockMap for QedMap {
         let cs = self.geo.cluster_size;
         let cstart = off - self.geo.in_cluster(off);
         let pre = match run.first {
-            Entry::Unalloc => Prefetched::read(below, cstart, cs, (off, len), self.hdr.image_size)?,
+            Entry::Unalloc => {
+                let size = self.size.load(Ordering::Acquire);
+                Prefetched::read(below, cstart, cs, (off, len), size)?
+            }
             _ => None,
         };
         self.allocate(off, len, below, pre.as_ref())

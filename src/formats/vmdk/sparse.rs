@@ -14,7 +14,7 @@
 use super::stream;
 use crate::cache::{CacheStats, TableCache, TableIo};
 use crate::error::{Error, Result};
-use crate::format::{write_fill, Below, Extent, Fill};
+use crate::format::{write_fill, Below, Extent, Fill, Prefetched};
 use crate::formats::le32;
 use crate::host::HostFile;
 use parking_lot::{Mutex, RwLock};
@@ -421,12 +421,27 @@ impl Sparse {
                 len: n,
             });
         }
-        self.allocate(off, len, guest, below)
+        // Copy-on-write source read before the allocation lock: the extent ends at guest offset
+        // `guest - off + self.len`, past which below reads as zeros.
+        let g = self.grain();
+        let pre = match e {
+            Entry::Unalloc => {
+                let start = guest - off % g;
+                Prefetched::read(below, start, g, (guest, len), guest - off + self.len)?
+            }
+            _ => None,
+        };
+        let cow = Cow {
+            below,
+            guest_base: guest - off,
+            pre: pre.as_ref(),
+        };
+        self.allocate(off, len, &cow)
     }
 
     /// Allocate grains at the end of the file for `[off, off+len)` (one GT at most), filling
     /// the parts of them the write does not cover before any table points at them.
-    fn allocate(&self, off: u64, len: u64, guest: u64, below: &dyn Below) -> Result<Extent> {
+    fn allocate(&self, off: u64, len: u64, cow: &Cow) -> Result<Extent> {
         let mut a = self.alloc.lock();
         let idx = self.gt_for_write(&mut a, off)?;
         let span = self.hdr.gt_span();
@@ -458,18 +473,16 @@ impl Sparse {
         let host = a.end;
         let host_end = host + n * g;
         let data_end = (off + len).min(run_end);
-        let guest_base = guest - off;
-        self.fill(&a, host, gstart, guest_base, off - gstart, kinds[0], below)?;
+        self.fill(&a, host, gstart, off - gstart, kinds[0], cow)?;
         let tail = data_end - gstart;
         let tail_kind = kinds[kinds.len() - 1];
         self.fill(
             &a,
             host + tail,
             data_end,
-            guest_base,
             run_end - data_end,
             tail_kind,
-            below,
+            cow,
         )?;
         if a.file_len < host_end {
             self.file.set_len(host_end)?;
@@ -494,24 +507,11 @@ impl Sparse {
     }
 
     /// Fill `len` bytes of a new grain at `host` for extent offset `off`: zeros for a zeroed
-    /// grain, the backing chain for an unallocated one.
-    #[allow(clippy::too_many_arguments)]
-    fn fill(
-        &self,
-        a: &Alloc,
-        host: u64,
-        off: u64,
-        guest_base: u64,
-        len: u64,
-        kind: Entry,
-        below: &dyn Below,
-    ) -> Result<()> {
+    /// grain, the backing chain (prefetched where `cow.pre` covers it) for an unallocated one.
+    fn fill(&self, a: &Alloc, host: u64, off: u64, len: u64, kind: Entry, cow: &Cow) -> Result<()> {
         let fill = if kind == Entry::Unalloc {
-            Fill::Below {
-                below,
-                guest: guest_base + off,
-                inside: self.len.saturating_sub(off).min(len) as usize,
-            }
+            let extent_end = cow.guest_base + self.len;
+            Prefetched::fill(cow.pre, cow.below, cow.guest_base + off, len, extent_end)
         } else {
             Fill::Zeros
         };
@@ -640,4 +640,12 @@ impl Sparse {
     pub fn alloc_end(&self) -> u64 {
         self.end.load(Ordering::SeqCst)
     }
+}
+
+/// What an allocating write fills new grains from: the chain below, the guest offset of extent
+/// offset 0, and the grain prefetched before the allocation lock (if any).
+struct Cow<'a> {
+    below: &'a dyn Below,
+    guest_base: u64,
+    pre: Option<&'a Prefetched>,
 }
