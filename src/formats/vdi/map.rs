@@ -14,7 +14,7 @@ use super::header::{Header, SECTOR};
 use crate::cache::{store_after_sync, TableCache, TableIo};
 use crate::error::{Error, Result};
 use crate::format::{
-    write_fill, BackingRef, Below, BlockMap, Extent, Fill, FormatStats, ImageInfo,
+    write_fill, BackingRef, Below, BlockMap, Extent, Fill, FormatStats, ImageInfo, Prefetched,
 };
 use crate::formats::le32;
 use crate::host::HostFile;
@@ -202,6 +202,14 @@ impl VdiMap {
     }
 
     fn allocate(&self, block: u64, inb: u64, n: u64, below: &dyn Below) -> Result<Extent> {
+        let guest = block * self.bs;
+        let size = self.hdr.disk_size;
+        // Copy-on-write source (a differencing child's parent) read before the allocation lock.
+        let pre = if self.hdr.is_diff() && self.entry_run(block, 1)?.0 == Entry::Free {
+            Prefetched::read(below, guest, self.bs, (guest + inb, n), size)?
+        } else {
+            None
+        };
         let mut a = self.alloc.lock();
         let (e, _) = self.entry_run(block, 1)?;
         if matches!(e, Entry::Block(_)) {
@@ -215,14 +223,9 @@ impl VdiMap {
         }
         let idx = a.next;
         let host = self.hdr.offset_data as u64 + idx as u64 * self.bs;
-        let guest = block * self.bs;
         let fill = |h: u64, g: u64, len: u64| -> Result<()> {
             let f = if e == Entry::Free && self.hdr.is_diff() {
-                Fill::Below {
-                    below,
-                    guest: g,
-                    inside: self.hdr.disk_size.saturating_sub(g).min(len) as usize,
-                }
+                Prefetched::fill(pre.as_ref(), below, g, len, size)
             } else {
                 Fill::Zeros
             };
