@@ -130,12 +130,7 @@ fn check_finds_and_repairs_damage() {
         text.contains("also used by") && text.contains("past the image"),
         "{text}"
     );
-    let out = run(IMGFS, &["check", "-r", "all", p]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    ok(IMGFS, &["check", "-r", "all", p]);
     assert_check_clean("vdi", &img);
     let raw = qemu_raw(&img);
     assert!(raw[..MIB as usize].iter().all(|&x| x == 1));
@@ -179,12 +174,7 @@ fn differencing_chain_found_by_uuid() {
         "parent changed"
     );
     assert_same(&open_read_all(&child, true), &want, "child after writes");
-    let out = run(IMGFS, &["check", child.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    ok(IMGFS, &["check", child.to_str().unwrap()]);
 
     // A copy of the parent beside it: ambiguous, refused.
     let copy = d.path().join("copy.vdi");

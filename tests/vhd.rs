@@ -179,12 +179,7 @@ fn writes_pass_qemu_compare_and_imgfs_check() {
         drop(im);
         assert_compare_bytes("vpc", &img, &want);
         assert_eq!(qemu_check("vpc", &img).0, 63, "qemu-img cannot check vpc");
-        let out = imgfs(&["check", "-f", "vpc", img.to_str().unwrap()]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stdout)
-        );
+        ok(IMGFS, &["check", "-f", "vpc", img.to_str().unwrap()]);
         let im = open(&img, true);
         assert_same(&engine_read_all(&im), &want, "reopened");
     }
@@ -369,18 +364,8 @@ fn check_finds_and_repairs_damage() {
         text.contains("used twice") && text.contains("outside") && text.contains("offset 0"),
         "{text}"
     );
-    let out = imgfs(&["check", "-r", "all", "-f", "vpc", p]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    let out = imgfs(&["check", "-f", "vpc", p]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    ok(IMGFS, &["check", "-r", "all", "-f", "vpc", p]);
+    ok(IMGFS, &["check", "-f", "vpc", p]);
     // QEMU reads the repaired image; the unharmed blocks kept their data.
     let raw = vpc_raw(&img);
     assert!(raw[..MIB as usize].iter().all(|&x| x == 1));
