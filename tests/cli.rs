@@ -2,22 +2,10 @@
 //! snapshot -l, and their exit codes.
 
 mod common;
+use common::imgfs_cmd as imgfs;
 use common::*;
 use serde_json::Value;
 use std::path::Path;
-
-fn imgfs(args: &[&str]) -> (i32, String, String) {
-    let out = run(IMGFS, args);
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn qemu_info(img: &Path) -> Value {
-    serde_json::from_str(&qemu_img(&["info", "--output=json", img.to_str().unwrap()])).unwrap()
-}
 
 #[test]
 fn create_qcow2_option_space_passes_qemu_check_and_shows_geometry() {
@@ -67,14 +55,12 @@ fn create_qcow2_option_space_passes_qemu_check_and_shows_geometry() {
         ),
     ];
     for (i, &(opts, cluster, compat, lazy, rbits, ext)) in cases.iter().enumerate() {
-        let p = t.path().join(format!("c{i}.qcow2"));
-        let mut args = vec!["create", "-f", "qcow2"];
-        if !opts.is_empty() {
-            args.extend(["-o", opts]);
-        }
-        args.extend([p.to_str().unwrap(), "1000M"]);
-        let (code, _, err) = imgfs(&args);
-        assert_eq!(code, 0, "create {opts}: {err}");
+        let make = |name: String| {
+            TestImage::new(t.path(), &name, "qcow2")
+                .opts(opts)
+                .size("1000M")
+        };
+        let p = make(format!("c{i}.qcow2")).cli().path;
         assert_check_clean("qcow2", &p);
         let info = qemu_info(&p);
         assert_eq!(info["virtual-size"], 1000 << 20, "{opts}");
@@ -87,13 +73,7 @@ fn create_qcow2_option_space_passes_qemu_check_and_shows_geometry() {
             assert_eq!(spec["extended-l2"], ext, "{opts}");
         }
         // The same writes into a qemu-made twin read the same through imgfs.
-        let twin = t.path().join(format!("q{i}.qcow2"));
-        let mut qargs = vec!["create", "-q", "-f", "qcow2"];
-        if !opts.is_empty() {
-            qargs.extend(["-o", opts]);
-        }
-        qargs.extend([twin.to_str().unwrap(), "1000M"]);
-        qemu_img(&qargs);
+        let twin = make(format!("q{i}.qcow2")).qemu().path;
         for img in [&p, &twin] {
             qemu_io(
                 "qcow2",
@@ -110,7 +90,7 @@ fn create_with_backing_takes_its_size_and_refuses_bad_input() {
     let t = tmpdir();
     let base = t.path().join("base.qcow2");
     let over = t.path().join("over.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "77M"]);
+    TestImage::new_at(&base, "qcow2").size("77M").qemu();
     qemu_io("qcow2", &base, &["write -P 0x44 0 1M"]);
     let (code, _, err) = imgfs(&[
         "create",
@@ -172,7 +152,7 @@ fn check_and_repair_agree_with_qemu_img() {
     let t = tmpdir();
     let img = t.path().join("c.qcow2");
     let make = || {
-        qemu_img(&["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "16M"]);
+        TestImage::new_at(&img, "qcow2").size("16M").qemu();
         qemu_io("qcow2", &img, &["write -P 1 0 256k"]);
     };
     make();
@@ -225,7 +205,7 @@ fn info_and_snapshot_list_match_qemu() {
     let t = tmpdir();
     let base = t.path().join("b.qcow2");
     let img = t.path().join("i.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "10M"]);
+    TestImage::new_at(&base, "qcow2").size("10M").qemu();
     qcow2_overlay(&img, "b.qcow2");
     qemu_io("qcow2", &img, &["write 0 64k"]);
     qemu_img(&["snapshot", "-c", "first", img.to_str().unwrap()]);
@@ -275,14 +255,11 @@ fn create_other_formats_pass_qemu_and_check_agrees() {
         ("raw", "preallocation=falloc", "virtual-size"),
     ];
     for (i, &(fmt, opts, _)) in cases.iter().enumerate() {
-        let p = t.path().join(format!("o{i}.{fmt}"));
-        let mut args = vec!["create", "-f", fmt];
-        if !opts.is_empty() {
-            args.extend(["-o", opts]);
-        }
-        args.extend([p.to_str().unwrap(), "48M"]);
-        let (code, _, err) = imgfs(&args);
-        assert_eq!(code, 0, "create {fmt} {opts}: {err}");
+        let p = TestImage::new(t.path(), &format!("o{i}.{fmt}"), fmt)
+            .opts(opts)
+            .size("48M")
+            .cli()
+            .path;
         let info = qemu_info(&p);
         assert_eq!(info["format"], fmt, "{opts}");
         assert_eq!(info["virtual-size"], 48 << 20, "{fmt} {opts}");
@@ -306,19 +283,13 @@ fn create_other_formats_pass_qemu_and_check_agrees() {
 #[test]
 fn vhdx_differencing_child_from_the_cli() {
     let t = tmpdir();
-    let parent = t.path().join("parent.vhdx");
+    let parent = TestImage::new(t.path(), "parent.vhdx", "vhdx")
+        .opt("block_size", "1M")
+        .size("16M")
+        .qemu();
+    parent.io(&["write -P 0x70 0 3M"]);
+    let parent = parent.path;
     let child = t.path().join("child.vhdx");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "vhdx",
-        "-o",
-        "block_size=1M",
-        parent.to_str().unwrap(),
-        "16M",
-    ]);
-    qemu_io("vhdx", &parent, &["write -P 0x70 0 3M"]);
     let (code, _, err) = imgfs(&[
         "create",
         "-f",
@@ -342,8 +313,7 @@ fn vhdx_differencing_child_from_the_cli() {
     want[..3 << 20].fill(0x70);
     want[1000..6000].fill(0x71);
     assert_same(&std::fs::read(&f).unwrap(), &want, "child through mount");
-    let (ok_, err) = m.umount();
-    assert!(ok_, "umount: {err}");
+    m.umount_ok();
     assert_eq!(std::fs::read(&parent).unwrap(), parent_before);
     if run("which", &["vhdiinfo"]).status.success() {
         let out = ok("vhdiinfo", &[child.to_str().unwrap()]);
@@ -370,7 +340,7 @@ fn printing_into_a_closed_pipe_ends_quietly() {
     use std::os::unix::process::ExitStatusExt;
     let t = tmpdir();
     let img = t.path().join("p.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "1G"]);
+    TestImage::new_at(&img, "qcow2").size("1G").qemu();
     let (reader, writer) = std::io::pipe().unwrap();
     drop(reader);
     let out = std::process::Command::new(IMGFS)

@@ -19,7 +19,7 @@ fn sh(script: &str) {
 fn o_trunc_opens_leave_size_and_contents_alone() {
     let t = tmpdir();
     let img = t.path().join("disk.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", s(&img), "16M"]);
+    TestImage::new_at(&img, "qcow2").size("16M").qemu();
     let old = random_bytes(1, 16 << 20);
     let old_file = write_file(t.path(), "old.bin", &old);
     qemu_io(
@@ -65,8 +65,7 @@ fn o_trunc_opens_leave_size_and_contents_alone() {
     assert!(!out.status.success());
     assert_eq!(std::fs::metadata(&disk).unwrap().len(), 16 << 20);
 
-    let (umounted, err) = m.umount();
-    assert!(umounted, "{err}");
+    m.umount_ok();
     assert_check_clean("qcow2", &img);
     assert_compare_bytes("qcow2", &img, &want);
 }
@@ -157,13 +156,9 @@ fn containers_imgfs_cannot_serve_are_refused_unless_raw_is_asked_for() {
 
     // A directory mount skips them.
     let img = d.join("ok.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", s(&img), "1M"]);
+    TestImage::new_at(&img, "qcow2").size("1M").qemu();
     let m = Mount::new(&[d], &mnt, &["-r"]);
-    let mut names: Vec<String> = std::fs::read_dir(&mnt)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
+    let names = m.names();
     assert_eq!(names, ["ok.raw"], "{names:?}");
     m.umount();
 }
@@ -185,11 +180,9 @@ fn disk2vhd_like(
     name: &str,
     edit: impl Fn(&mut [u8]),
 ) -> (std::path::PathBuf, Vec<u8>) {
-    let img = dir.join(name);
-    qemu_img(&["create", "-q", "-f", "vhdx", s(&img), "64M"]);
-    let data = random_bytes(5, 3 << 20);
-    let src = write_file(dir, "data.bin", &data);
-    qemu_io("vhdx", &img, &[&format!("write -s {} 1M 3M", s(&src))]);
+    let t = TestImage::new(dir, name, "vhdx").size("64M").qemu();
+    t.write_random(5, 3 << 20, &[(1 << 20, 3 << 20)]);
+    let (img, data) = (t.path, random_bytes(5, 3 << 20));
     let mut b = std::fs::read(&img).unwrap();
     let seq = |b: &[u8], at: usize| u64::from_le_bytes(b[at + 8..at + 16].try_into().unwrap());
     let cur = if seq(&b, H1) >= seq(&b, H2) { H1 } else { H2 };
@@ -222,8 +215,7 @@ fn vhdx_with_equal_header_sequence_numbers_opens_like_disk2vhd() {
         pwrite(&f, 8 << 20, &more).unwrap();
         std::fs::File::open(&f).unwrap().sync_all().unwrap();
         want[8 << 20..9 << 20].copy_from_slice(&more);
-        let (umounted, err) = m.umount();
-        assert!(umounted, "{err}");
+        m.umount_ok();
         assert_check_clean("vhdx", &img);
         assert_compare_bytes("vhdx", &img, &want);
     }

@@ -85,8 +85,7 @@ fn raw_read_write_unaligned_and_across_boundaries() {
     // Writing past the end fails like a block device.
     let e = pwrite(&f, size as u64, b"x").unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::ENOSPC));
-    let (ok_, err) = m.umount();
-    assert!(ok_, "umount: {err}");
+    m.umount_ok();
     assert_same(&std::fs::read(&img).unwrap(), &expect, "image after umount");
 }
 
@@ -130,8 +129,7 @@ fn partition_mkfs_mount_roundtrip() {
         );
     }
     drop(lo);
-    let (ok_, err) = m.umount();
-    assert!(ok_, "{err}");
+    m.umount_ok();
     // After umount, the raw image holds the file system: fsck it directly at the offset.
     let lo = Loop::new(&img, &["-o", &(2048 * 512).to_string()]);
     let out = run("e2fsck", &["-fn", &lo.dev]);
@@ -264,29 +262,9 @@ fn punch_hole_zero_range_and_seek_data() {
     let (img, mut expect) = raw_image(t.path(), "p.img", 4 << 20, 8);
     let m = Mount::new(&[&img], &t.path().join("mnt"), &[]);
     let f = m.file("p.raw");
-    ok(
-        "fallocate",
-        &[
-            "--punch-hole",
-            "-o",
-            "4097",
-            "-l",
-            "70000",
-            f.to_str().unwrap(),
-        ],
-    );
+    fallocate(&f, "--punch-hole", 4097, 70000);
     expect[4097..4097 + 70000].fill(0);
-    ok(
-        "fallocate",
-        &[
-            "--zero-range",
-            "-o",
-            "1000000",
-            "-l",
-            "5000",
-            f.to_str().unwrap(),
-        ],
-    );
+    fallocate(&f, "--zero-range", 1_000_000, 5000);
     expect[1_000_000..1_005_000].fill(0);
     assert_same(&std::fs::read(&f).unwrap(), &expect, "after punch");
     // The hole in the middle of the raw image is visible through SEEK_HOLE.
@@ -326,12 +304,7 @@ fn several_images_and_directories() {
     let (b, eb) = raw_image(&d, "b.raw", 2 << 20, 11);
     std::fs::write(d.join("notes.txt"), b"not an image").unwrap();
     let m = Mount::new(&[&d], &t.path().join("mnt"), &[]);
-    let mut names: Vec<String> = std::fs::read_dir(&m.dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    assert_eq!(names, ["a.raw", "b.raw"]);
+    assert_eq!(m.names(), ["a.raw", "b.raw"]);
     assert_eq!(std::fs::read(m.file("a.raw")).unwrap(), ea);
     assert_eq!(std::fs::read(m.file("b.raw")).unwrap(), eb);
     drop(m);
@@ -339,12 +312,7 @@ fn several_images_and_directories() {
     let (c, _) = raw_image(t.path(), "a.img", 1 << 20, 12);
     let c2 = write_file(t.path(), "a.bin", &[0u8; 4096]);
     let m = Mount::new(&[&c, &c2, &a, &b], &t.path().join("mnt"), &[]);
-    let mut names: Vec<String> = std::fs::read_dir(&m.dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    assert_eq!(names, ["_a.img.raw", "a.bin.raw", "a.img.raw", "b.raw"]);
+    assert_eq!(m.names(), ["_a.img.raw", "a.bin.raw", "a.img.raw", "b.raw"]);
 }
 
 #[test]
@@ -419,20 +387,17 @@ fn directory_of_qcow2_chain_exposes_only_the_top() {
     let base = d.join("base.qcow2");
     let top = d.join("top.qcow2");
     let other = d.join("other.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "8M"]);
-    qemu_io("qcow2", &base, &["write -P 0x61 0 1M"]);
+    TestImage::new_at(&base, "qcow2")
+        .size("8M")
+        .qemu()
+        .io(&["write -P 0x61 0 1M"]);
     qcow2_overlay(&top, "base.qcow2");
     qemu_io("qcow2", &top, &["write -P 0x62 512k 4k"]);
-    qemu_img(&["create", "-q", "-f", "qcow2", other.to_str().unwrap(), "4M"]);
+    TestImage::new_at(&other, "qcow2").size("4M").qemu();
     let want = qemu_raw(&top);
     let base_before = std::fs::read(&base).unwrap();
     let m = Mount::new(&[&d], &t.path().join("mnt"), &[]);
-    let mut names: Vec<String> = std::fs::read_dir(&m.dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    assert_eq!(names, ["other.raw", "top.raw"]);
+    assert_eq!(m.names(), ["other.raw", "top.raw"]);
     assert_same(
         &std::fs::read(m.file("top.raw")).unwrap(),
         &want,
@@ -456,42 +421,16 @@ fn small_discards_over_unallocated_space_allocate_nothing() {
         ("qcow2", "cluster_size=2M"),
         ("qed", "cluster_size=1M"),
     ] {
-        let img = t.path().join(format!("d.{fmt}"));
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            fmt,
-            "-o",
-            opts,
-            img.to_str().unwrap(),
-            "256M",
-        ]);
+        let img = TestImage::new(t.path(), &format!("d.{fmt}"), fmt)
+            .opts(opts)
+            .size("256M")
+            .qemu()
+            .path;
         let before = std::fs::metadata(&img).unwrap().len();
         let m = Mount::new(&[&img], &t.path().join("mnt"), &[]);
         let f = m.file("d.raw");
-        ok(
-            "fallocate",
-            &[
-                "--punch-hole",
-                "-o",
-                "4096",
-                "-l",
-                "8192",
-                f.to_str().unwrap(),
-            ],
-        );
-        ok(
-            "fallocate",
-            &[
-                "--zero-range",
-                "-o",
-                "100000000",
-                "-l",
-                "4096",
-                f.to_str().unwrap(),
-            ],
-        );
+        fallocate(&f, "--punch-hole", 4096, 8192);
+        fallocate(&f, "--zero-range", 100_000_000, 4096);
         assert!(m.umount().0);
         if fmt == "vhdx" {
             // QEMU's VHDX driver reports every block as data in `qemu-img map`: use the file size

@@ -180,7 +180,7 @@ fn direct_io_opens_stay_coherent_with_buffered_readers_and_mmap() {
     use std::os::unix::io::AsRawFd;
     let t = tmpdir();
     let img = t.path().join("d.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "16M"]);
+    TestImage::new_at(&img, "qcow2").size("16M").qemu();
     let m = Mount::new(&[&img], &t.path().join("mnt"), &[]);
     let f = m.file("d.raw");
     let buffered = std::fs::File::open(&f).unwrap();
@@ -221,8 +221,7 @@ fn direct_io_opens_stay_coherent_with_buffered_readers_and_mmap() {
     buffered.read_exact_at(&mut cached, 0).unwrap();
     assert_same(&cached, &want, "buffered read after mmap write");
     drop((buffered, direct));
-    let (clean, log) = m.umount();
-    assert!(clean, "{log}");
+    m.umount_ok();
     assert_check_clean("qcow2", &img);
     want.resize(16 << 20, 0);
     assert_same(&qemu_raw(&img), &want, "qemu-img convert after umount");
@@ -236,25 +235,22 @@ fn large_reads_mixing_data_zeros_backing_and_compressed_match_qemu() {
     let t = tmpdir();
     let base = t.path().join("base.qcow2");
     let img = t.path().join("top.qcow2");
-    let b = base.to_str().unwrap();
-    let i = img.to_str().unwrap();
-    qemu_img(&["create", "-q", "-f", "qcow2", b, "8M"]);
-    qemu_io("qcow2", &base, &["write -P 0x11 0 8M"]);
-    qemu_img(&[
-        "create", "-q", "-f", "qcow2", "-b", b, "-F", "qcow2", i, "8M",
-    ]);
-    qemu_io(
-        "qcow2",
-        &img,
-        &[
+    TestImage::new_at(&base, "qcow2")
+        .size("8M")
+        .qemu()
+        .io(&["write -P 0x11 0 8M"]);
+    TestImage::new_at(&img, "qcow2")
+        .backing(base.to_str().unwrap(), Some("qcow2"))
+        .size("8M")
+        .qemu()
+        .io(&[
             "write -P 0x22 64k 192k",
             "write -z 512k 128k",
             "write -P 0x33 1M 1M",
             "write -c -P 0x44 3M 64k",
             "write -P 0x55 4M 4M",
             "write -z 5M 320k",
-        ],
-    );
+        ]);
     let want = qemu_raw(&img);
     let m = Mount::new(&[&img], &t.path().join("mnt"), &[]);
     let f = m.file("top.raw");
@@ -271,8 +267,7 @@ fn large_reads_mixing_data_zeros_backing_and_compressed_match_qemu() {
     }
     assert_same(&std::fs::read(&f).unwrap(), &want, "buffered read");
     drop(direct);
-    let (clean, log) = m.umount();
-    assert!(clean, "{log}");
+    m.umount_ok();
 }
 
 /// Workers poll for the next request only briefly (`--poll-us`): an idle daemon, right after a
@@ -306,8 +301,7 @@ fn polling_workers_go_idle_and_poll_us_is_checked() {
         );
         drop(direct);
         assert_same(&std::fs::read(&f).unwrap(), &want, "contents");
-        let (clean, log) = m.umount();
-        assert!(clean, "{log}");
+        m.umount_ok();
     }
     assert_same(&std::fs::read(&img).unwrap(), &want, "image file");
     let err = Mount::try_new(&[&img], &t.path().join("mnt"), &["--poll-us", "5000"])

@@ -13,22 +13,16 @@ fn backing_names_must_be_local_and_inside_the_image_directory() {
     std::fs::create_dir_all(&outside).unwrap();
     std::fs::create_dir_all(&inside).unwrap();
     let base = outside.join("base.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "4M"]);
-    qemu_io("qcow2", &base, &["write -P 0x42 0 64k"]);
-    let top = inside.join("top.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "../outside/base.qcow2",
-        "-F",
-        "qcow2",
-        "-u",
-        top.to_str().unwrap(),
-        "4M",
-    ]);
+    TestImage::new_at(&base, "qcow2")
+        .size("4M")
+        .qemu()
+        .io(&["write -P 0x42 0 64k"]);
+    let top = TestImage::new(&inside, "top.qcow2", "qcow2")
+        .backing("../outside/base.qcow2", Some("qcow2"))
+        .unchecked()
+        .size("4M")
+        .qemu()
+        .path;
     let mnt = t.path().join("mnt");
     let e = Mount::try_new(&[&top], &mnt, &[]).err().unwrap();
     assert!(
@@ -43,20 +37,12 @@ fn backing_names_must_be_local_and_inside_the_image_directory() {
         "json:{\"driver\":\"file\",\"filename\":\"/etc/passwd\"}",
         "nbd://127.0.0.1/x",
     ] {
-        let evil = inside.join("evil.qcow2");
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            name,
-            "-F",
-            "raw",
-            "-u",
-            evil.to_str().unwrap(),
-            "4M",
-        ]);
+        let evil = TestImage::new(&inside, "evil.qcow2", "qcow2")
+            .backing(name, Some("raw"))
+            .unchecked()
+            .size("4M")
+            .qemu()
+            .path;
         let e = Mount::try_new(&[&evil], &mnt, &["--allow-backing-outside"])
             .err()
             .unwrap();
@@ -68,22 +54,13 @@ fn backing_names_must_be_local_and_inside_the_image_directory() {
 fn backing_chains_have_a_depth_limit() {
     let t = tmpdir();
     let mut prev = t.path().join("c0.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", prev.to_str().unwrap(), "1M"]);
+    TestImage::new_at(&prev, "qcow2").size("1M").qemu();
     for i in 1..=20 {
-        let next = t.path().join(format!("c{i}.qcow2"));
         let b = prev.file_name().unwrap().to_str().unwrap().to_string();
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            &b,
-            "-F",
-            "qcow2",
-            next.to_str().unwrap(),
-        ]);
-        prev = next;
+        prev = TestImage::new(t.path(), &format!("c{i}.qcow2"), "qcow2")
+            .backing(&b, Some("qcow2"))
+            .qemu()
+            .path;
     }
     let e = Mount::try_new(&[&prev], &t.path().join("mnt"), &[])
         .err()
@@ -131,17 +108,11 @@ fn encrypted_images_are_refused_clearly() {
 fn read_only_mounts_never_write_even_images_that_need_repair() {
     let t = tmpdir();
     // A lazy-refcounts qcow2 left dirty by a killed qemu-io, and a QED image with need-check set.
-    let q = t.path().join("dirty.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "lazy_refcounts=on",
-        q.to_str().unwrap(),
-        "8M",
-    ]);
+    let q = TestImage::new(t.path(), "dirty.qcow2", "qcow2")
+        .opt("lazy_refcounts", "on")
+        .size("8M")
+        .qemu()
+        .path;
     let out = run(
         "qemu-io",
         &[
@@ -158,9 +129,9 @@ fn read_only_mounts_never_write_even_images_that_need_repair() {
         !out.status.success(),
         "qemu-io abort leaves the image dirty"
     );
-    let d = t.path().join("nc.qed");
-    qemu_img(&["create", "-q", "-f", "qed", d.to_str().unwrap(), "8M"]);
-    qemu_io("qed", &d, &["write -P 0x18 0 64k"]);
+    let d = TestImage::new(t.path(), "nc.qed", "qed").size("8M").qemu();
+    d.io(&["write -P 0x18 0 64k"]);
+    let d = d.path;
     {
         // QED header: `features` (u64 LE) at byte 16; QED_F_NEED_CHECK = 0x02.
         use std::os::unix::fs::FileExt;

@@ -57,13 +57,11 @@ fn powercut_with(fmt: &str, resize_pct: u64, total: u64) {
     let per = total.div_ceil(vs.len() as u64);
     let (mut survived, mut checked, mut leaky, mut resizes) = (0, 0, 0, 0);
     for (vi, (opts, size)) in vs.iter().enumerate() {
-        let img = t.path().join(format!("v{vi}.{fmt}"));
-        let mut args = vec!["create", "-q", "-f", fmt];
-        if !opts.is_empty() {
-            args.extend(["-o", opts]);
-        }
-        args.extend([img.to_str().unwrap(), size]);
-        qemu_img(&args);
+        let img = TestImage::new(t.path(), &format!("v{vi}.{fmt}"), fmt)
+            .opts(opts)
+            .size(size)
+            .qemu()
+            .path;
         let initial = std::fs::read(&img).unwrap();
         let crashed = t.path().join(format!("crashed.{fmt}"));
         // Half the seeds with a two-table metadata cache, so tables are written back by eviction

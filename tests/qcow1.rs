@@ -6,18 +6,14 @@
 
 mod common;
 use common::*;
-use imgfs::crashsim::{self, Workload};
-use imgfs::image::{BackingRef, CreateOpts};
+use imgfs::crashsim::Workload;
 use imgfs::{formats, host::HostFile, Image, OpenOpts};
 use std::path::Path;
 
 const MIB: u64 = 1 << 20;
 
 fn ro() -> OpenOpts {
-    OpenOpts {
-        read_only: true,
-        ..OpenOpts::default()
-    }
+    open_opts(true)
 }
 fn p(path: &Path) -> &str {
     path.to_str().unwrap()
@@ -73,19 +69,15 @@ const WRITES: &[(u64, usize, u64)] = &[
 #[test]
 fn plain_images_read_and_write() {
     let dir = tmpdir();
-    let img = dir.path().join("a.qcow");
-    qemu_img(&["create", "-f", "qcow", p(&img), "8M"]);
-    let data = write_file(dir.path(), "d", &random_bytes(7, 300_000));
-    let d = p(&data);
-    qemu_io(
-        "qcow",
-        &img,
-        &[
-            &format!("write -s {d} 0 300000"),
-            &format!("write -s {d} 1000000 123457"),
-            &format!("write -s {d} {} 65536", 8 * MIB - 65536),
-        ],
+    let t = TestImage::new(dir.path(), "a.qcow", "qcow")
+        .size("8M")
+        .qemu();
+    t.write_random(
+        7,
+        300_000,
+        &[(0, 300_000), (1_000_000, 123_457), (8 * MIB - 65536, 65536)],
     );
+    let img = t.path.clone();
     let mut want = qemu_raw(&img);
     let image = Image::open(&img, &ro()).unwrap();
     assert_eq!(image.format(), "qcow");
@@ -109,18 +101,11 @@ fn backing_file_reads_and_cow() {
     let dir = tmpdir();
     let base = dir.path().join("base.raw");
     std::fs::write(&base, random_bytes(3, 8 * MIB as usize)).unwrap();
-    let img = dir.path().join("o.qcow");
-    qemu_img(&[
-        "create",
-        "-f",
-        "qcow",
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        p(&img),
-    ]);
-    qemu_io("qcow", &img, &["write -P 9 1M 4k", "write -P 8 2000 3000"]);
+    let t = TestImage::new(dir.path(), "o.qcow", "qcow")
+        .backing("base.raw", Some("raw"))
+        .qemu();
+    t.io(&["write -P 9 1M 4k", "write -P 8 2000 3000"]);
+    let img = t.path.clone();
     let image = Image::open(&img, &ro()).unwrap();
     assert_eq!(image.info().backing.unwrap().name, "base.raw");
     let mut want = qemu_raw(&img);
@@ -181,9 +166,10 @@ fn compressed_clusters_read_and_copy_out() {
 #[test]
 fn hostile_headers_are_errors() {
     let dir = tmpdir();
-    let good = dir.path().join("good.qcow");
-    qemu_img(&["create", "-f", "qcow", p(&good), "8M"]);
-    let bytes = std::fs::read(&good).unwrap();
+    let bytes = TestImage::new(dir.path(), "good.qcow", "qcow")
+        .size("8M")
+        .qemu()
+        .bytes();
     let cases: &[(usize, &[u8], &str)] = &[
         (4, &2u32.to_be_bytes(), ""), // version 2 = qcow2: not ours
         (32, &[8], "cluster_bits"),
@@ -219,9 +205,10 @@ fn hostile_headers_are_errors() {
         assert!(e.to_string().contains(needle), "case {i}: {e}");
     }
     // A qcow2 image is not probed as qcow.
-    let q2 = dir.path().join("x.qcow2");
-    qemu_img(&["create", "-f", "qcow2", p(&q2), "1M"]);
-    let head = std::fs::read(&q2).unwrap();
+    let head = TestImage::new(dir.path(), "x.qcow2", "qcow2")
+        .size("1M")
+        .qemu()
+        .bytes();
     assert_ne!(formats::probe(&head[..4096]).name(), "qcow");
     assert_eq!(formats::probe(&bytes).name(), "qcow");
     // L2 entries pointing past the end of the file are errors at read time.
@@ -244,29 +231,16 @@ fn created_images_work_with_qemu() {
     let dir = tmpdir();
     let base = dir.path().join("b.raw");
     std::fs::write(&base, random_bytes(5, 8 * MIB as usize)).unwrap();
-    for (i, backing) in [
-        None,
-        Some(BackingRef {
-            name: "b.raw".into(),
-            format: Some("raw".into()),
-        }),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let img = dir.path().join(format!("c{i}.qcow"));
-        let f = HostFile::create(&img).unwrap();
-        let o = CreateOpts {
-            size: 8 * MIB,
-            backing: backing.clone(),
-            ..CreateOpts::default()
-        };
-        formats::by_name("qcow").unwrap().create(&f, &o).unwrap();
-        drop(f);
+    for (i, backing) in [false, true].into_iter().enumerate() {
+        let mut spec = TestImage::new(dir.path(), &format!("c{i}.qcow"), "qcow").size(8 * MIB);
+        if backing {
+            spec = spec.backing("b.raw", Some("raw"));
+        }
+        let img = spec.imgfs().path;
         let info = qemu_img(&["info", "-f", "qcow", p(&img)]);
         assert!(info.contains("virtual size: 8 MiB"), "{info}");
         let mut want = qemu_raw(&img);
-        if backing.is_some() {
+        if backing {
             assert_same(
                 &want,
                 &std::fs::read(&base).unwrap(),
@@ -280,30 +254,18 @@ fn created_images_work_with_qemu() {
 #[test]
 fn crash_safety() {
     let dir = tmpdir();
-    let img = dir.path().join("crash.qcow");
-    qemu_img(&["create", "-f", "qcow", p(&img), "2M"]);
-    let data = write_file(dir.path(), "d", &random_bytes(1, 65536));
-    qemu_io(
-        "qcow",
-        &img,
-        &[&format!("write -s {} 512k 65536", p(&data))],
-    );
-    let initial = std::fs::read(&img).unwrap();
+    let t = TestImage::new(dir.path(), "crash.qcow", "qcow")
+        .size("2M")
+        .qemu();
+    t.write_random(1, 65536, &[(512 << 10, 65536)]);
     let work = Workload {
         ops: 40,
         max_write: 96 << 10,
         ..Workload::default()
     };
-    let crashed = dir.path().join("crashed.qcow");
-    let n = crashsim::run_many(&initial, &img, "qcow", 0..60, &work, |seed, r| {
-        if seed % 20 == 0 {
-            std::fs::write(&crashed, &r.image).unwrap();
-            qemu_io("qcow", &crashed, &["read 0 2M"]);
-        }
-        Ok(())
-    })
-    .unwrap();
-    assert_eq!(n, 60);
+    t.crash_loop(0..60, &work, 20, |_, crashed| {
+        qemu_io("qcow", crashed, &["read 0 2M"])
+    });
 }
 
 /// Power cuts over an overlay (512-byte clusters, as qemu-img makes them with a backing file):
@@ -313,26 +275,16 @@ fn crash_safety_over_backing() {
     let dir = tmpdir();
     let base = dir.path().join("base.raw");
     std::fs::write(&base, random_bytes(78, 2 * MIB as usize)).unwrap();
-    let img = dir.path().join("over.qcow");
-    qemu_img(&[
-        "create",
-        "-f",
-        "qcow",
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        p(&img),
-        "2M",
-    ]);
-    let initial = std::fs::read(&img).unwrap();
+    let t = TestImage::new(dir.path(), "over.qcow", "qcow")
+        .backing("base.raw", Some("raw"))
+        .size("2M")
+        .qemu();
     let work = Workload {
         ops: 30,
         max_write: 20 << 10,
         ..Workload::default()
     };
-    let n = crashsim::run_many(&initial, &img, "qcow", 0..60, &work, |_, _| Ok(())).unwrap();
-    assert_eq!(n, 60);
+    t.crash_loop(0..60, &work, 0, |_, _| {});
 }
 
 /// Garbage tables behind a valid header: every read either succeeds or fails cleanly.
@@ -373,39 +325,13 @@ fn crash_safety_with_evictions() {
     let size = 16 * MIB as usize;
     let base = dir.path().join("base.raw");
     std::fs::write(&base, random_bytes(321, size)).unwrap();
-    let img = dir.path().join("ev.qcow");
-    qemu_img(&[
-        "create",
-        "-f",
-        "qcow",
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        p(&img),
-    ]);
-    let initial = std::fs::read(&img).unwrap();
-    // A two-table cache (the smallest): dirty tables are written back by eviction between fsyncs.
-    let work = Workload {
-        ops: 60,
-        max_write: 16_000,
-        discard_pct: 0,
-        fsync_pct: 10,
-        cache_size: 0,
-        ..Workload::default()
-    };
-    let mut evictions = 0;
-    let n = crashsim::run_many(&initial, &img, "qcow", 0..150, &work, |seed, cut| {
-        evictions += cut.evictions;
-        if seed % 30 == 0 {
-            let c = dir.path().join("c.qcow");
-            std::fs::write(&c, &cut.image).unwrap();
-            qemu_io("qcow", &c, &["read 0 16M"]);
-        }
-        Ok(())
-    })
-    .unwrap();
-    assert_eq!(n, 150);
+    let t = TestImage::new(dir.path(), "ev.qcow", "qcow")
+        .backing("base.raw", Some("raw"))
+        .qemu();
+    let work = eviction_workload();
+    let evictions = t.crash_loop(0..150, &work, 30, |_, c| {
+        qemu_io("qcow", c, &["read 0 16M"])
+    });
     assert!(evictions > 100, "only {evictions} evictions");
 }
 
@@ -460,9 +386,11 @@ fn check_finds_and_repairs_bad_entries() {
 #[test]
 fn odd_size() {
     let dir = tmpdir();
-    let img = dir.path().join("odd.qcow");
-    qemu_img(&["create", "-f", "qcow", p(&img), "5243392"]); // 5 MiB + 512
-    let mut want = qemu_raw(&img);
+    let t = TestImage::new(dir.path(), "odd.qcow", "qcow")
+        .size(5243392) // 5 MiB + 512
+        .qemu();
+    let img = t.path.clone();
+    let mut want = t.raw();
     assert_eq!(want.len(), 5 * MIB as usize + 512);
     let image = Image::open(&img, &OpenOpts::default()).unwrap();
     for (off, len, seed) in [(5 * MIB + 100, 412usize, 1u64), (5 * MIB - 10, 20, 2)] {

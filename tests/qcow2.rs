@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use imgfs::image::{CreateOpts, Format, Repair};
+use imgfs::image::{Format, Repair};
 use imgfs::{Image, OpenOpts};
 use std::path::{Path, PathBuf};
 
@@ -19,16 +19,8 @@ fn open(p: &Path, read_only: bool) -> Image {
 
 /// `qemu-img create -f qcow2 -o OPTS img SIZE`.
 fn create(dir: &Path, name: &str, opts: &str, size: &str) -> PathBuf {
-    let p = dir.join(name);
-    let mut args = vec!["create", "-q", "-f", "qcow2"];
-    if !opts.is_empty() {
-        args.push("-o");
-        args.push(opts);
-    }
-    args.push(p.to_str().unwrap());
-    args.push(size);
-    qemu_img(&args);
-    p
+    let t = TestImage::new(dir, name, "qcow2").opts(opts).size(size);
+    t.qemu().path
 }
 
 /// Fill an image with random data, zeros, discards and (separately) compressed clusters.
@@ -160,45 +152,23 @@ fn backing_chains() {
     let d = tmpdir();
     let base = d.path().join("base.raw");
     std::fs::write(&base, random_bytes(1, 3 << 20)).unwrap();
-    let mid = d.path().join("mid.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=4096",
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        mid.to_str().unwrap(),
-    ]);
+    let mid = TestImage::new(d.path(), "mid.qcow2", "qcow2")
+        .opt("cluster_size", 4096)
+        .backing("base.raw", Some("raw"))
+        .qemu()
+        .path;
     populate(d.path(), &mid, 4096, 7);
-    let top = d.path().join("top.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=65536",
-        "-b",
-        "mid.qcow2",
-        "-F",
-        "qcow2",
-        top.to_str().unwrap(),
-        "4M",
+    let top = TestImage::new(d.path(), "top.qcow2", "qcow2")
+        .opt("cluster_size", 65536)
+        .backing("mid.qcow2", Some("qcow2"))
+        .size("4M")
+        .qemu();
+    top.io(&[
+        "write -P 0x5a 70000 5000",
+        "write -z 131072 65536",
+        "discard 262144 65536",
     ]);
-    qemu_io(
-        "qcow2",
-        &top,
-        &[
-            "write -P 0x5a 70000 5000",
-            "write -z 131072 65536",
-            "discard 262144 65536",
-        ],
-    );
+    let top = top.path;
     let base_before = std::fs::read(&base).unwrap();
     let mid_before = std::fs::read(&mid).unwrap();
     let mut want = assert_reads_like_qemu(&top);
@@ -223,20 +193,11 @@ fn v2_over_backing_writes_zero_bytes() {
     let d = tmpdir();
     let base = d.path().join("b.raw");
     std::fs::write(&base, random_bytes(9, 1 << 20)).unwrap();
-    let p = d.path().join("v2.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "compat=0.10,cluster_size=4096",
-        "-b",
-        "b.raw",
-        "-F",
-        "raw",
-        p.to_str().unwrap(),
-    ]);
+    let p = TestImage::new(d.path(), "v2.qcow2", "qcow2")
+        .opts("compat=0.10,cluster_size=4096")
+        .backing("b.raw", Some("raw"))
+        .qemu()
+        .path;
     let mut want = qemu_raw(&p);
     let img = open(&p, false);
     img.write_zeroes(8192, 8192, true).unwrap();
@@ -315,20 +276,8 @@ fn dirty_lazy_refcounts_image_is_rebuilt() {
         "4M",
     );
     // qemu-io aborts without closing: dirty bit set, refcounts not written.
-    let _ = run(
-        "qemu-io",
-        &[
-            "-f",
-            "qcow2",
-            p.to_str().unwrap(),
-            "-c",
-            "write -P 0x33 0 200000",
-            "-c",
-            "write -P 0x44 1000000 8192",
-            "-c",
-            "abort",
-        ],
-    );
+    TestImage::at(&p, "qcow2")
+        .io_then_abort(&["write -P 0x33 0 200000", "write -P 0x44 1000000 8192"]);
     let (code, out) = qemu_check("qcow2", &p);
     assert_ne!(code, 0, "image should need repair: {out}");
     let ro = open(&p, true);
@@ -356,18 +305,7 @@ fn check_reports_and_repairs_leaks() {
         "lazy_refcounts=on,cluster_size=4096",
         "4M",
     );
-    let _ = run(
-        "qemu-io",
-        &[
-            "-f",
-            "qcow2",
-            p.to_str().unwrap(),
-            "-c",
-            "write -P 0x33 0 20000",
-            "-c",
-            "abort",
-        ],
-    );
+    TestImage::at(&p, "qcow2").io_then_abort(&["write -P 0x33 0 20000"]);
     let hf = imgfs::host::HostFile::open(&p, false).unwrap();
     let r = imgfs::formats::qcow2::Qcow2
         .check(hf, Repair::None)
@@ -382,8 +320,9 @@ fn check_reports_and_repairs_leaks() {
 #[test]
 fn create_makes_images_qemu_accepts() {
     let d = tmpdir();
-    let base = d.path().join("base.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "3M"]);
+    TestImage::new(d.path(), "base.qcow2", "qcow2")
+        .size("3M")
+        .qemu();
     let cases: &[&[(&str, &str)]] = &[
         &[],
         &[("compat", "0.10"), ("cluster_size", "512")],
@@ -411,23 +350,15 @@ fn create_makes_images_qemu_accepts() {
     ];
     for (i, opts) in cases.iter().enumerate() {
         for with_backing in [false, true] {
-            let p = d.path().join(format!("new{i}{with_backing}.qcow2"));
-            let f = imgfs::host::HostFile::create(&p).unwrap();
-            let mut o = CreateOpts {
-                size: 5 << 20,
-                ..CreateOpts::default()
-            };
+            let name = format!("new{i}{with_backing}.qcow2");
+            let mut spec = TestImage::new(d.path(), &name, "qcow2").size(5 << 20);
             for (k, v) in opts.iter() {
-                o.options.insert(k.to_string(), v.to_string());
+                spec = spec.opt(k, v);
             }
             if with_backing {
-                o.backing = Some(imgfs::image::BackingRef {
-                    name: "base.qcow2".into(),
-                    format: Some("qcow2".into()),
-                });
+                spec = spec.backing("base.qcow2", Some("qcow2"));
             }
-            imgfs::formats::qcow2::Qcow2.create(&f, &o).unwrap();
-            drop(f);
+            let p = spec.imgfs().path;
             assert_check_clean("qcow2", &p);
             let info = qemu_img(&["info", "--output=json", p.to_str().unwrap()]);
             let v: serde_json::Value = serde_json::from_str(&info).unwrap();
@@ -464,21 +395,13 @@ fn external_data_file() {
         // QEMU resolves a relative data_file name against its working directory.
         let data = d.path().join(format!("ext{raw}.data"));
         let data = data.to_str().unwrap();
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            &format!("data_file={data},data_file_raw={raw},cluster_size=4096"),
-            p.to_str().unwrap(),
-            "1M",
-        ]);
-        qemu_io(
-            "qcow2",
-            &p,
-            &["write -P 0x61 5000 10000", "write -z 40960 8192"],
-        );
+        TestImage::new(d.path(), &format!("ext{raw}.qcow2"), "qcow2")
+            .opts(&format!(
+                "data_file={data},data_file_raw={raw},cluster_size=4096"
+            ))
+            .size("1M")
+            .qemu()
+            .io(&["write -P 0x61 5000 10000", "write -z 40960 8192"]);
         let mut want = assert_reads_like_qemu(&p);
         let img = open(&p, false);
         scribble(&img, &mut want, 4096, 1);
@@ -870,21 +793,12 @@ fn extended_l2_subclusters_over_backing() {
     // unallocated subclusters show the backing file.
     let d = tmpdir();
     std::fs::write(d.path().join("base.raw"), random_bytes(21, 2 << 20)).unwrap();
-    let p = d.path().join("sub.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=32768,extended_l2=on",
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        p.to_str().unwrap(),
-        "2M",
-    ]);
+    let p = TestImage::new(d.path(), "sub.qcow2", "qcow2")
+        .opts("cluster_size=32768,extended_l2=on")
+        .backing("base.raw", Some("raw"))
+        .size("2M")
+        .qemu()
+        .path;
     let data = write_file(d.path(), "r", &random_bytes(22, 10000));
     let dd = data.to_str().unwrap();
     qemu_io(

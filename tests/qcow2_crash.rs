@@ -6,8 +6,7 @@
 mod common;
 
 use common::*;
-use imgfs::crashsim::{run_many, Workload};
-use std::path::Path;
+use imgfs::crashsim::Workload;
 
 fn crash_series(
     opts: &str,
@@ -17,43 +16,29 @@ fn crash_series(
     work: &Workload,
 ) {
     let d = tmpdir();
-    let p = d.path().join("crash.qcow2");
-    let mut args = vec!["create", "-q", "-f", "qcow2", "-o", opts];
+    let mut spec = TestImage::new(d.path(), "crash.qcow2", "qcow2")
+        .opts(opts)
+        .size(size);
     if backing {
         std::fs::write(d.path().join("base.raw"), random_bytes(77, 2 << 20)).unwrap();
-        args.extend(["-b", "base.raw", "-F", "raw"]);
+        spec = spec.backing("base.raw", Some("raw"));
     }
-    args.push(p.to_str().unwrap());
-    args.push(size);
-    qemu_img(&args);
+    let t = spec.qemu();
     if !backing {
         // Some allocated, zero and compressed clusters to start from.
         let data = write_file(d.path(), "seed.bin", &random_bytes(5, 300_000));
         let w = format!("write -s {} 0 300000", data.display());
-        qemu_io("qcow2", &p, &[&w, "write -z 400000 100000"]);
+        t.io(&[&w, "write -z 400000 100000"]);
         let c = format!("write -c -s {} 1048576 65536", data.display());
-        qemu_io("qcow2", &p, &[&c]);
+        t.io(&[&c]);
     }
-    let initial = std::fs::read(&p).unwrap();
-    let crashed = d.path().join("crashed.qcow2");
     let mut checked = 0;
-    let n = run_many(&initial, &p, "qcow2", seeds, work, |seed, cut| {
-        if seed % 8 == 0 {
-            std::fs::write(&crashed, &cut.image).unwrap();
-            // Resolve the backing file the same way as the original.
-            let (code, out) = qemu_check("qcow2", &crashed);
-            assert!(
-                code == 0 || code == 3,
-                "seed {seed} ({opts}): qemu-img check {code}: {out}"
-            );
-            checked += 1;
-        }
-        Ok(())
-    })
-    .unwrap_or_else(|e| panic!("{opts}: {e}"));
-    assert!(n > 0);
+    t.crash_loop(seeds, work, 8, |seed, crashed| {
+        // Resolve the backing file the same way as the original.
+        assert_no_corruption("qcow2", crashed, &format!("seed {seed} ({opts})"));
+        checked += 1;
+    });
     assert!(checked > 0);
-    let _ = Path::new(&p);
 }
 
 fn work() -> Workload {
@@ -131,18 +116,11 @@ fn crash_with_tiny_cache_evictions() {
     use imgfs::host::{FaultFile, SplitMix64};
     use imgfs::{Image, OpenOpts};
     let d = tmpdir();
-    let p = d.path().join("tiny.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=512",
-        p.to_str().unwrap(),
-        "2M",
-    ]);
-    let initial = std::fs::read(&p).unwrap();
+    let t = TestImage::new(d.path(), "tiny.qcow2", "qcow2")
+        .opt("cluster_size", 512)
+        .size("2M")
+        .qemu();
+    let (p, initial) = (t.path.clone(), t.bytes());
     let crashed = d.path().join("crashed.qcow2");
     let opts = |read_only| OpenOpts {
         format: Some("qcow2".into()),
@@ -186,11 +164,7 @@ fn crash_with_tiny_cache_evictions() {
         let image = fault.crash_image(&mut rng);
         drop(img); // the crashed bytes are taken; closing writes only to the discarded file
         std::fs::write(&crashed, &image).unwrap();
-        let (code, out) = qemu_check("qcow2", &crashed);
-        assert!(
-            code == 0 || code == 3,
-            "seed {seed}: qemu-img check {code}: {out}"
-        );
+        assert_no_corruption("qcow2", &crashed, &format!("seed {seed}"));
         let f2 = FaultFile::new(image);
         let img = Image::open_host(f2.host_file(&p, false), &opts(true)).unwrap();
         let got = engine_read_all(&img);
@@ -209,17 +183,11 @@ fn crash_starting_from_a_dirty_image() {
     // A lazy-refcounts image left dirty by a killed qemu-io: the read-write open rebuilds the
     // refcounts first; cuts during and after that must still leave a usable image.
     let d = tmpdir();
-    let p = d.path().join("dirty.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=4096,lazy_refcounts=on",
-        p.to_str().unwrap(),
-        "2M",
-    ]);
+    let t = TestImage::new(d.path(), "dirty.qcow2", "qcow2")
+        .opts("cluster_size=4096,lazy_refcounts=on")
+        .size("2M")
+        .qemu();
+    let p = t.path.clone();
     let _ = run(
         "qemu-io",
         &[
@@ -234,20 +202,8 @@ fn crash_starting_from_a_dirty_image() {
             "abort",
         ],
     );
-    let initial = std::fs::read(&p).unwrap();
-    assert_ne!(initial[72 + 7] & 1, 0, "fixture should be dirty");
-    let crashed = d.path().join("crashed.qcow2");
-    let n = run_many(&initial, &p, "qcow2", 0..30, &work(), |seed, cut| {
-        if seed % 5 == 0 {
-            std::fs::write(&crashed, &cut.image).unwrap();
-            let (code, out) = qemu_check("qcow2", &crashed);
-            assert!(
-                code == 0 || code == 3,
-                "seed {seed}: qemu-img check {code}: {out}"
-            );
-        }
-        Ok(())
-    })
-    .unwrap();
-    assert_eq!(n, 30);
+    assert_ne!(t.bytes()[72 + 7] & 1, 0, "fixture should be dirty");
+    t.crash_loop(0..30, &work(), 5, |seed, crashed| {
+        assert_no_corruption("qcow2", crashed, &format!("seed {seed}"))
+    });
 }

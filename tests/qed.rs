@@ -5,7 +5,7 @@
 mod common;
 use common::*;
 
-use imgfs::image::{BackingRef, CreateOpts};
+use imgfs::image::CreateOpts;
 use imgfs::{formats, host::HostFile, Image, OpenOpts};
 use std::path::Path;
 
@@ -15,10 +15,7 @@ fn rw() -> OpenOpts {
     OpenOpts::default()
 }
 fn ro() -> OpenOpts {
-    OpenOpts {
-        read_only: true,
-        ..OpenOpts::default()
-    }
+    open_opts(true)
 }
 fn p(path: &Path) -> &str {
     path.to_str().unwrap()
@@ -26,25 +23,23 @@ fn p(path: &Path) -> &str {
 
 /// An 8 MiB QED image with random data, zero clusters and discards, made by QEMU.
 fn make_filled(dir: &Path, name: &str, cluster: u64, table: u32, seed: u64) -> std::path::PathBuf {
-    let img = dir.join(name);
-    let o = format!("cluster_size={cluster},table_size={table}");
-    qemu_img(&["create", "-f", "qed", "-o", &o, p(&img), "8M"]);
+    let t = TestImage::new(dir, name, "qed")
+        .opt("cluster_size", cluster)
+        .opt("table_size", table)
+        .size("8M")
+        .qemu();
     let data = write_file(dir, &format!("{name}.data"), &random_bytes(seed, 300_000));
     let d = p(&data);
-    qemu_io(
-        "qed",
-        &img,
-        &[
-            &format!("write -s {d} 0 300000"),
-            &format!("write -s {d} 1000000 123456"),
-            &format!("write -s {d} {} 200000", 5 * MIB + 777),
-            "write -z 2M 256k",
-            &format!("write -s {d} {} 65536", 8 * MIB - 65536),
-            "write -P 0x5a 3M 4096",
-        ],
-    );
-    assert_check_clean("qed", &img);
-    img
+    t.io(&[
+        &format!("write -s {d} 0 300000"),
+        &format!("write -s {d} 1000000 123456"),
+        &format!("write -s {d} {} 200000", 5 * MIB + 777),
+        "write -z 2M 256k",
+        &format!("write -s {d} {} 65536", 8 * MIB - 65536),
+        "write -P 0x5a 3M 4096",
+    ]);
+    assert_check_clean("qed", &t.path);
+    t.path
 }
 
 #[test]
@@ -160,21 +155,13 @@ fn backing_file_cow_and_zero_clusters() {
     let dir = tmpdir();
     let base = dir.path().join("base.raw");
     std::fs::write(&base, random_bytes(99, 8 * MIB as usize)).unwrap();
-    let img = dir.path().join("over.qed");
-    qemu_img(&[
-        "create",
-        "-f",
-        "qed",
-        "-o",
-        "cluster_size=65536",
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        p(&img),
-    ]);
+    let t = TestImage::new(dir.path(), "over.qed", "qed")
+        .opt("cluster_size", 65536)
+        .backing("base.raw", Some("raw"))
+        .qemu();
     // A zero cluster over the backing file, and some data.
-    qemu_io("qed", &img, &["write -z 1M 128k", "write -P 7 3M 4k"]);
+    t.io(&["write -z 1M 128k", "write -P 7 3M 4k"]);
+    let img = t.path.clone();
     let image = Image::open(&img, &ro()).unwrap();
     let info = image.info();
     let b = info.backing.clone().unwrap();
@@ -215,55 +202,40 @@ fn backing_file_cow_and_zero_clusters() {
     assert_compare_bytes("qed", &img, &want);
 }
 
-fn create(img: &Path, size: u64, opts: &[(&str, &str)], backing: Option<BackingRef>) {
-    let f = HostFile::create(img).unwrap();
-    let o = CreateOpts {
-        size,
-        backing,
-        options: opts
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-        ..CreateOpts::default()
-    };
-    formats::by_name("qed").unwrap().create(&f, &o).unwrap();
-}
-
 #[test]
 fn created_images_pass_qemu_check() {
     let dir = tmpdir();
     let base = dir.path().join("b.raw");
     std::fs::write(&base, random_bytes(5, 4 * MIB as usize)).unwrap();
     for (i, (opts, backing)) in [
-        (vec![], None),
-        (vec![("cluster_size", "4096"), ("table_size", "2")], None),
-        (
-            vec![("cluster_size", "65536")],
-            Some(BackingRef {
-                name: "b.raw".into(),
-                format: Some("raw".into()),
-            }),
-        ),
+        ("", false),
+        ("cluster_size=4096,table_size=2", false),
+        ("cluster_size=65536", true),
     ]
     .into_iter()
     .enumerate()
     {
-        let img = dir.path().join(format!("c{i}.qed"));
-        create(&img, 8 * MIB, &opts, backing.clone());
+        let mut spec = TestImage::new(dir.path(), &format!("c{i}.qed"), "qed")
+            .opts(opts)
+            .size(8 * MIB);
+        if backing {
+            spec = spec.backing("b.raw", Some("raw"));
+        }
+        let img = spec.imgfs().path;
         assert_check_clean("qed", &img);
         let info = qemu_img(&["info", p(&img)]);
         assert!(
             info.contains("file format: qed") && info.contains("8 MiB"),
             "{info}"
         );
-        if backing.is_some() {
+        if backing {
             assert!(info.contains("backing file format: raw"), "{info}");
         }
         let mut want = qemu_raw(&img);
         write_and_verify(&img, &mut want, WRITES, true);
     }
     // Bad options are refused.
-    let f = HostFile::create(&dir.path().join("bad.qed")).unwrap();
+    let bad = TestImage::new(dir.path(), "bad.qed", "qed");
     for (k, v) in [
         ("cluster_size", "3000"),
         ("table_size", "3"),
@@ -274,10 +246,7 @@ fn created_images_pass_qemu_check() {
             options: [(k.to_string(), v.to_string())].into(),
             ..CreateOpts::default()
         };
-        assert!(
-            formats::by_name("qed").unwrap().create(&f, &o).is_err(),
-            "{k}={v}"
-        );
+        assert!(bad.try_imgfs_with(&o).is_err(), "{k}={v}");
     }
 }
 
@@ -349,9 +318,10 @@ fn need_check_is_repaired() {
 #[test]
 fn hostile_headers_are_errors() {
     let dir = tmpdir();
-    let good = dir.path().join("good.qed");
-    qemu_img(&["create", "-f", "qed", p(&good), "8M"]);
-    let bytes = std::fs::read(&good).unwrap();
+    let bytes = TestImage::new(dir.path(), "good.qed", "qed")
+        .size("8M")
+        .qemu()
+        .bytes();
     let cases: &[(usize, &[u8])] = &[
         (4, &3000u32.to_le_bytes()),       // cluster size
         (8, &0u32.to_le_bytes()),          // table size
@@ -397,16 +367,11 @@ fn hostile_headers_are_errors() {
 #[test]
 fn evictions_keep_tables_consistent() {
     let dir = tmpdir();
-    let img = dir.path().join("e.qed");
-    qemu_img(&[
-        "create",
-        "-f",
-        "qed",
-        "-o",
-        "cluster_size=4096,table_size=2",
-        p(&img),
-        "32M",
-    ]);
+    let img = TestImage::new(dir.path(), "e.qed", "qed")
+        .opts("cluster_size=4096,table_size=2")
+        .size("32M")
+        .qemu()
+        .path;
     let mut want = vec![0u8; 32 * MIB as usize];
     let opts = OpenOpts {
         cache_size: 0,
@@ -432,16 +397,11 @@ fn evictions_keep_tables_consistent() {
 #[test]
 fn concurrent_writers() {
     let dir = tmpdir();
-    let img = dir.path().join("t.qed");
-    qemu_img(&[
-        "create",
-        "-f",
-        "qed",
-        "-o",
-        "cluster_size=4096",
-        p(&img),
-        "8M",
-    ]);
+    let img = TestImage::new(dir.path(), "t.qed", "qed")
+        .opt("cluster_size", 4096)
+        .size("8M")
+        .qemu()
+        .path;
     let image = Image::open(&img, &rw()).unwrap();
     let want = std::sync::Mutex::new(vec![0u8; 8 * MIB as usize]);
     std::thread::scope(|s| {
@@ -475,32 +435,17 @@ fn backing_chain_of_qed() {
     let dir = tmpdir();
     let base = dir.path().join("base.raw");
     std::fs::write(&base, random_bytes(42, 4 * MIB as usize)).unwrap();
-    let mid = dir.path().join("mid.qed");
-    let top = dir.path().join("top.qed");
-    qemu_img(&[
-        "create",
-        "-f",
-        "qed",
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        p(&mid),
-        "6M",
-    ]);
-    qemu_io("qed", &mid, &["write -P 1 1M 64k", "write -z 2M 64k"]);
-    qemu_img(&[
-        "create",
-        "-f",
-        "qed",
-        "-b",
-        "mid.qed",
-        "-F",
-        "qed",
-        p(&top),
-        "8M",
-    ]);
-    qemu_io("qed", &top, &["write -P 2 1M 4k"]);
+    TestImage::new(dir.path(), "mid.qed", "qed")
+        .backing("base.raw", Some("raw"))
+        .size("6M")
+        .qemu()
+        .io(&["write -P 1 1M 64k", "write -z 2M 64k"]);
+    let top = TestImage::new(dir.path(), "top.qed", "qed")
+        .backing("mid.qed", Some("qed"))
+        .size("8M")
+        .qemu();
+    top.io(&["write -P 2 1M 4k"]);
+    let top = top.path;
     let mut want = qemu_raw(&top);
     let image = Image::open(&top, &ro()).unwrap();
     assert_eq!(image.info().backing.unwrap().format, None);
@@ -524,18 +469,12 @@ fn backing_chain_of_qed() {
 #[test]
 fn garbage_tables_never_panic() {
     let dir = tmpdir();
-    let img = dir.path().join("g.qed");
-    qemu_img(&[
-        "create",
-        "-f",
-        "qed",
-        "-o",
-        "cluster_size=4096,table_size=2",
-        p(&img),
-        "8M",
-    ]);
-    qemu_io("qed", &img, &["write -P 1 0 1M", "write -P 2 5M 64k"]);
-    let clean = std::fs::read(&img).unwrap();
+    let t = TestImage::new(dir.path(), "g.qed", "qed")
+        .opts("cluster_size=4096,table_size=2")
+        .size("8M")
+        .qemu();
+    t.io(&["write -P 1 0 1M", "write -P 2 5M 64k"]);
+    let (img, clean) = (t.path.clone(), t.bytes());
     let mut rng = imgfs::host::SplitMix64::new(5);
     for seed in 0..150u64 {
         let mut b = clean.clone();
@@ -588,20 +527,12 @@ fn odd_sizes_and_short_backing() {
     let dir = tmpdir();
     let base = dir.path().join("short.raw");
     std::fs::write(&base, random_bytes(8, 3 * MIB as usize + 1000)).unwrap();
-    let img = dir.path().join("odd.qed");
-    qemu_img(&[
-        "create",
-        "-f",
-        "qed",
-        "-o",
-        "cluster_size=65536",
-        "-b",
-        "short.raw",
-        "-F",
-        "raw",
-        p(&img),
-        "5243392", // 5 MiB + 512
-    ]);
+    let img = TestImage::new(dir.path(), "odd.qed", "qed")
+        .opt("cluster_size", 65536)
+        .backing("short.raw", Some("raw"))
+        .size(5243392) // 5 MiB + 512
+        .qemu()
+        .path;
     let mut want = qemu_raw(&img);
     assert_eq!(want.len(), 5 * MIB as usize + 512);
     write_and_verify(

@@ -6,25 +6,11 @@
 
 mod common;
 use common::*;
+use common::{imgfs_cmd as imgfs, qemu_virtual_size as virtual_size};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 const MIB: u64 = 1 << 20;
-
-fn imgfs(args: &[&str]) -> (i32, String, String) {
-    let out = run(IMGFS, args);
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn virtual_size(img: &Path) -> u64 {
-    let out = qemu_img(&["info", "--output=json", img.to_str().unwrap()]);
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    v["virtual-size"].as_u64().unwrap()
-}
 
 /// qemu-img check must be clean where QEMU can check the format (raw and qcow it cannot).
 fn check_if_checkable(fmt: &str, img: &Path) {
@@ -34,12 +20,7 @@ fn check_if_checkable(fmt: &str, img: &Path) {
 }
 
 fn create(fmt: &str, opts: &str, img: &Path, size: &str) {
-    let mut args = vec!["create", "-q", "-f", fmt];
-    if !opts.is_empty() {
-        args.extend(["-o", opts]);
-    }
-    args.extend([img.to_str().unwrap(), size]);
-    qemu_img(&args);
+    TestImage::new_at(img, fmt).opts(opts).size(size).qemu();
 }
 
 /// Apply a write to the expected bytes, growing them as the disk grows.
@@ -144,8 +125,7 @@ fn grow_online_with(fmt: &str, opts: &str, mount_args: &[&str]) {
         );
     }
     drop(f);
-    let (umounted, err) = m.umount();
-    assert!(umounted, "umount: {err}");
+    m.umount_ok();
 
     assert_eq!(virtual_size(&img), 24 * MIB, "qemu-img info after umount");
     check_if_checkable(fmt, &img);
@@ -218,8 +198,7 @@ fn shrinking_online_is_refused_and_changes_nothing() {
         &want,
         "after refused shrink",
     );
-    let (umounted, err) = m.umount();
-    assert!(umounted, "umount: {err}");
+    m.umount_ok();
     assert_eq!(virtual_size(&img), 8 * MIB);
     assert_check_clean("qcow2", &img);
 }
@@ -245,21 +224,12 @@ fn growing_over_a_longer_backing_file_reads_zeros() {
         let base = t.path().join("base.qcow2");
         create("qcow2", "", &base, "16M");
         qemu_io("qcow2", &base, &["write -P 0x77 0 16M"]);
-        let top = t.path().join("top.qcow2");
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            &format!("compat={compat}"),
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            top.to_str().unwrap(),
-            "4M",
-        ]);
+        let top = TestImage::new(t.path(), "top.qcow2", "qcow2")
+            .opt("compat", compat)
+            .backing("base.qcow2", Some("qcow2"))
+            .size("4M")
+            .qemu()
+            .path;
         let m = Mount::new(&[&top], &t.path().join("m"), &[]);
         let disk = m.file("top.raw");
         ok("truncate", &["-s", "20M", disk.to_str().unwrap()]);
@@ -267,8 +237,7 @@ fn growing_over_a_longer_backing_file_reads_zeros() {
         let mut want = vec![0x77u8; 4 * MIB as usize];
         want.resize(20 * MIB as usize, 0);
         assert_same(&got, &want, &format!("compat={compat} through the mount"));
-        let (umounted, err) = m.umount();
-        assert!(umounted, "umount: {err}");
+        m.umount_ok();
         assert_check_clean("qcow2", &top);
         assert_compare_bytes("qcow2", &top, &want);
     }
@@ -413,8 +382,7 @@ fn offline_resize_of_a_mounted_image_is_refused_by_the_lock() {
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("lock") || err.contains("in use"), "{err}");
     assert_eq!(std::fs::metadata(m.file("d.raw")).unwrap().len(), 4 * MIB);
-    let (umounted, e) = m.umount();
-    assert!(umounted, "{e}");
+    m.umount_ok();
     assert_eq!(virtual_size(&img), 4 * MIB);
     let (code, _, err) = imgfs(&["resize", img.to_str().unwrap(), "+1M"]);
     assert_eq!(code, 0, "{err}");
@@ -467,8 +435,7 @@ fn growing_while_writing() {
         &want,
         "after concurrent growth",
     );
-    let (umounted, err) = m.umount();
-    assert!(umounted, "umount: {err}");
+    m.umount_ok();
     assert_check_clean("qcow2", &img);
     assert_compare_bytes("qcow2", &img, &want);
 }

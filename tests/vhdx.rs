@@ -5,8 +5,6 @@
 mod common;
 
 use common::*;
-use imgfs::host::HostFile;
-use imgfs::image::{BackingRef, CreateOpts};
 use imgfs::{Image, OpenOpts};
 use std::path::{Path, PathBuf};
 
@@ -23,18 +21,10 @@ fn open(p: &Path, read_only: bool) -> Image {
     .unwrap()
 }
 
+/// `qemu-img create -f vhdx -o OPTS DIR/NAME SIZE`.
 fn qemu_create(dir: &Path, name: &str, opts: &str, size: u64) -> PathBuf {
-    let p = dir.join(name);
-    let mut args = vec!["create", "-q", "-f", "vhdx"];
-    if !opts.is_empty() {
-        args.push("-o");
-        args.push(opts);
-    }
-    let s = size.to_string();
-    args.push(p.to_str().unwrap());
-    args.push(&s);
-    qemu_img(&args);
-    p
+    let t = TestImage::new(dir, name, "vhdx").opts(opts).size(size);
+    t.qemu().path
 }
 
 /// Random data at unaligned offsets, spanning blocks, plus zeroed and patterned ranges.
@@ -147,27 +137,30 @@ fn engine_writes_pass_qemu_check_and_compare() {
     }
 }
 
+/// imgfs's create of `path` (size 0 with a backing file: the parent's size).
 fn create(path: &Path, size: u64, opts: &[(&str, &str)], backing: Option<&Path>) {
-    let f = HostFile::create(path).unwrap();
-    let mut co = CreateOpts {
-        size,
-        ..CreateOpts::default()
-    };
+    let name = path.file_name().unwrap().to_str().unwrap();
+    let mut t = TestImage::new(path.parent().unwrap(), name, "vhdx");
     for (k, v) in opts {
-        co.options.insert(k.to_string(), v.to_string());
+        t = t.opt(k, v);
+    }
+    if size != 0 {
+        t = t.size(size);
     }
     if let Some(b) = backing {
-        let parent = open(b, true);
-        co.backing = Some(BackingRef {
-            name: b.file_name().unwrap().to_str().unwrap().to_string(),
-            format: Some("vhdx".into()),
-        });
-        co.backing_info = Some(parent.info());
+        t = t.backing(b.file_name().unwrap().to_str().unwrap(), Some("vhdx"));
     }
-    imgfs::formats::by_name("vhdx")
-        .unwrap()
-        .create(&f, &co)
-        .unwrap();
+    t.imgfs();
+}
+
+/// imgfs's create of a 4 KiB-sector image with 1 MiB blocks.
+fn create_4k(path: &Path, size: u64) {
+    create(
+        path,
+        size,
+        &[("block_size", "1M"), ("logical_sector_size", "4096")],
+        None,
+    );
 }
 
 #[test]
@@ -218,12 +211,7 @@ fn sector_4096_image_round_trip_and_vhdiinfo() {
     let d = tmpdir();
     let img = d.path().join("s4k.vhdx");
     let size = 12 * MIB;
-    create(
-        &img,
-        size,
-        &[("block_size", "1M"), ("logical_sector_size", "4096")],
-        None,
-    );
+    create_4k(&img, size);
     let mut want = vec![0u8; size as usize];
     {
         let im = open(&img, false);
@@ -291,13 +279,7 @@ fn hostile(
         b[start + 4..start + 8].copy_from_slice(&c.to_le_bytes());
     }
     let p = write_file(dir, name, &b);
-    Image::open(
-        &p,
-        &OpenOpts {
-            read_only: true,
-            ..OpenOpts::default()
-        },
-    )
+    Image::open(&p, &open_opts(true))
 }
 
 #[test]
@@ -314,14 +296,7 @@ fn hostile_images_give_errors() {
     b[h1 + 8] ^= 1;
     b[h2 + 8] ^= 1;
     let p = write_file(d.path(), "bad-headers.vhdx", &b);
-    assert!(Image::open(
-        &p,
-        &OpenOpts {
-            read_only: true,
-            ..OpenOpts::default()
-        }
-    )
-    .is_err());
+    assert!(Image::open(&p, &open_opts(true),).is_err());
     // Log offset into the header section (CRC fixed up on both headers).
     for h in [h1, h2] {
         let e = hostile(
@@ -343,14 +318,7 @@ fn hostile_images_give_errors() {
         b[r + 4..r + 8].copy_from_slice(&c.to_le_bytes());
     }
     let p = write_file(d.path(), "bat-eof.vhdx", &b);
-    assert!(Image::open(
-        &p,
-        &OpenOpts {
-            read_only: true,
-            ..OpenOpts::default()
-        }
-    )
-    .is_err());
+    assert!(Image::open(&p, &open_opts(true),).is_err());
     // A BAT entry pointing into the header section or the metadata: reads fail cleanly.
     let bat = u64::from_le_bytes(src[rt + 32..rt + 40].try_into().unwrap()) as usize;
     for target in [0u64, bat as u64] {
@@ -405,14 +373,7 @@ fn hostile_images_give_errors() {
     .is_err());
     // Truncated file.
     let p = write_file(d.path(), "trunc.vhdx", &src[..300 << 10]);
-    assert!(Image::open(
-        &p,
-        &OpenOpts {
-            read_only: true,
-            ..OpenOpts::default()
-        }
-    )
-    .is_err());
+    assert!(Image::open(&p, &open_opts(true),).is_err());
 }
 
 /// Read an image through libvhdi's `vhdimount` (FUSE); None when it cannot mount here.
@@ -477,12 +438,7 @@ fn libvhdi_reads_imgfs_differencing_and_4k_images() {
         assert_same(&got, &want, "vhdimount of the differencing child");
     }
     let s4k = d.path().join("s4k.vhdx");
-    create(
-        &s4k,
-        size,
-        &[("block_size", "1M"), ("logical_sector_size", "4096")],
-        None,
-    );
+    create_4k(&s4k, size);
     let mut want = vec![0u8; size as usize];
     {
         let im = open(&s4k, false);
@@ -573,12 +529,7 @@ fn chain_of_4k_differencing_images() {
     let d = tmpdir();
     let size = 5 * MIB;
     let base = d.path().join("b4k.vhdx");
-    create(
-        &base,
-        size,
-        &[("block_size", "1M"), ("logical_sector_size", "4096")],
-        None,
-    );
+    create_4k(&base, size);
     let mut want = vec![0u8; size as usize];
     let write = |p: &Path, want: &mut Vec<u8>, seed: u64| {
         let im = open(p, false);

@@ -5,10 +5,7 @@
 mod common;
 
 use common::*;
-use imgfs::crashsim::{run_many, Workload};
-use imgfs::host::HostFile;
-use imgfs::image::{BackingRef, CreateOpts};
-use imgfs::{Image, OpenOpts};
+use imgfs::crashsim::Workload;
 use std::path::Path;
 
 /// The crashed bytes of `seed`: imgfs (read-only, in memory) and QEMU (`check -r all`) must
@@ -58,95 +55,38 @@ fn work() -> Workload {
 #[test]
 fn dynamic_image_survives_power_cuts() {
     let d = tmpdir();
-    let img = d.path().join("base.vhdx");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "vhdx",
-        "-o",
-        "block_size=1M",
-        img.to_str().unwrap(),
-        "6M",
-    ]);
-    let f = write_file(d.path(), "seed", &random_bytes(1, 1 << 20));
-    qemu_io(
-        "vhdx",
-        &img,
-        &[&format!("write -s {} 512K 1M", f.display())],
-    );
-    let initial = std::fs::read(&img).unwrap();
+    let img = TestImage::new(d.path(), "base.vhdx", "vhdx")
+        .opt("block_size", "1M")
+        .size("6M")
+        .qemu();
+    img.write_random(1, 1 << 20, &[(512 << 10, 1 << 20)]);
     let t = std::time::Instant::now();
-    let want = seeds(100);
-    let n = run_many(&initial, &img, "vhdx", 0..want, &work(), |seed, cut| {
-        if seed % 20 == 0 {
-            cross_check(d.path(), seed, &cut.image);
-        }
-        Ok(())
-    })
-    .unwrap();
-    assert_eq!(n, want);
+    let n = seeds(100);
+    img.crash_loop(0..n, &work(), 20, |seed, cut| {
+        cross_check(d.path(), seed, &std::fs::read(cut).unwrap())
+    });
     eprintln!("dynamic: {n} cuts in {:?}", t.elapsed());
 }
 
 #[test]
 fn differencing_child_survives_power_cuts() {
     let d = tmpdir();
-    let parent = d.path().join("p.vhdx");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "vhdx",
-        "-o",
-        "block_size=1M",
-        parent.to_str().unwrap(),
-        "2M",
-    ]);
-    let f = write_file(d.path(), "seed", &random_bytes(2, 2 << 20));
-    qemu_io(
-        "vhdx",
-        &parent,
-        &[&format!("write -s {} 0 2M", f.display())],
-    );
-    let child = d.path().join("c.vhdx");
-    {
-        let info = Image::open(
-            &parent,
-            &OpenOpts {
-                read_only: true,
-                ..OpenOpts::default()
-            },
-        )
-        .unwrap()
-        .info();
-        let co = CreateOpts {
-            backing: Some(BackingRef {
-                name: "p.vhdx".into(),
-                format: Some("vhdx".into()),
-            }),
-            backing_info: Some(info),
-            options: [("block_size".to_string(), "1M".to_string())].into(),
-            ..CreateOpts::default()
-        };
-        imgfs::formats::by_name("vhdx")
-            .unwrap()
-            .create(&HostFile::create(&child).unwrap(), &co)
-            .unwrap();
-    }
-    let initial = std::fs::read(&child).unwrap();
+    let parent = TestImage::new(d.path(), "p.vhdx", "vhdx")
+        .opt("block_size", "1M")
+        .size("2M")
+        .qemu();
+    parent.write_random(2, 2 << 20, &[(0, 2 << 20)]);
+    let child = TestImage::new(d.path(), "c.vhdx", "vhdx")
+        .opt("block_size", "1M")
+        .backing("p.vhdx", Some("vhdx"))
+        .imgfs();
     let t = std::time::Instant::now();
-    let want = seeds(60);
+    let n = seeds(60);
     let w = Workload {
         max_write: 256 << 10,
         ..work()
     };
-    let n = run_many(&initial, &child, "vhdx", 0..want, &w, |_, _| Ok(())).unwrap();
+    child.crash_loop(0..n, &w, 0, |_, _| {});
     eprintln!("differencing: {n} cuts in {:?}", t.elapsed());
-    assert_eq!(n, want);
-    assert_same(
-        &qemu_raw(&parent),
-        &random_bytes(2, 2 << 20),
-        "parent unchanged",
-    );
+    assert_same(&parent.raw(), &random_bytes(2, 2 << 20), "parent unchanged");
 }

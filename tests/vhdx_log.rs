@@ -12,16 +12,20 @@ use std::path::Path;
 
 const MIB: u64 = 1 << 20;
 
-fn fault_open(fault: &std::sync::Arc<FaultFile>, name: &Path) -> Image {
-    Image::open_host(
-        fault.host_file(name, true),
-        &OpenOpts {
-            format: Some("vhdx".into()),
-            lock: false,
-            ..OpenOpts::default()
-        },
-    )
-    .unwrap()
+/// Open `img` read-write on a fault-injecting copy, let `work` write and flush, then cut the
+/// power without closing: the durable bytes of a writer stopped after its last flush.
+fn durable_after(img: &Path, work: impl FnOnce(&Image, &FaultFile)) -> Vec<u8> {
+    let fault = FaultFile::new(std::fs::read(img).unwrap());
+    let opts = OpenOpts {
+        format: Some("vhdx".into()),
+        lock: false,
+        ..OpenOpts::default()
+    };
+    let im = Image::open_host(fault.host_file(img, true), &opts).unwrap();
+    work(&im, fault.as_ref());
+    let dirty = fault.durable();
+    std::mem::forget(im);
+    dirty
 }
 
 /// `dirty` = durable bytes of a cut-off writer; `want` = the guest content that was flushed.
@@ -49,71 +53,55 @@ fn check_dirty_replay(dir: &Path, name: &str, dirty: &[u8], want: &[u8]) {
 #[test]
 fn single_entry_dirty_log_replays_like_qemu() {
     let d = tmpdir();
-    let img = d.path().join("base.vhdx");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "vhdx",
-        "-o",
-        "block_size=1M",
-        img.to_str().unwrap(),
-        "8M",
-    ]);
-    let fault = FaultFile::new(std::fs::read(&img).unwrap());
-    let im = fault_open(&fault, &img);
+    let img = TestImage::new(d.path(), "base.vhdx", "vhdx")
+        .opts("block_size=1M")
+        .size("8M")
+        .qemu()
+        .path;
     let mut want = vec![0u8; 8 << 20];
-    for (i, off) in [0u64, 3 * MIB + 4095, 6 * MIB].iter().enumerate() {
-        let buf = random_bytes(i as u64, 300_000);
-        im.write_at(&buf, *off).unwrap();
-        want[*off as usize..*off as usize + buf.len()].copy_from_slice(&buf);
-    }
-    im.flush().unwrap();
-    assert!(
-        fault.pending_count() > 0,
-        "in-place BAT write should still be pending"
-    );
-    let dirty = fault.durable();
-    std::mem::forget(im);
+    let dirty = durable_after(&img, |im, fault| {
+        for (i, off) in [0u64, 3 * MIB + 4095, 6 * MIB].iter().enumerate() {
+            let buf = random_bytes(i as u64, 300_000);
+            im.write_at(&buf, *off).unwrap();
+            want[*off as usize..*off as usize + buf.len()].copy_from_slice(&buf);
+        }
+        im.flush().unwrap();
+        assert!(
+            fault.pending_count() > 0,
+            "in-place BAT write should still be pending"
+        );
+    });
     check_dirty_replay(d.path(), "single", &dirty, &want);
 }
 
 #[test]
 fn wrapped_log_with_many_entries_replays_like_qemu() {
     let d = tmpdir();
-    let img = d.path().join("base.vhdx");
     // 1 MiB log (256 sectors); 64 MiB disk in 1 MiB blocks; each flush logs 1-3 pages.
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "vhdx",
-        "-o",
-        "block_size=1M,block_state_zero=off",
-        img.to_str().unwrap(),
-        "64M",
-    ]);
-    let fault = FaultFile::new(std::fs::read(&img).unwrap());
-    let im = fault_open(&fault, &img);
+    let img = TestImage::new(d.path(), "base.vhdx", "vhdx")
+        .opts("block_size=1M,block_state_zero=off")
+        .size("64M")
+        .qemu()
+        .path;
     let size = 64u64 << 20;
     let mut want = vec![0u8; size as usize];
-    let mut rng = imgfs::host::SplitMix64::new(99);
-    for i in 0..250u64 {
-        let off = rng.below(size - 5000);
-        let buf = random_bytes(1000 + i, 1 + rng.below(5000) as usize);
-        im.write_at(&buf, off).unwrap();
-        want[off as usize..off as usize + buf.len()].copy_from_slice(&buf);
-        if i % 7 == 3 {
-            im.write_zeroes(off / MIB * MIB, MIB, i % 2 == 0).unwrap();
-            want[(off / MIB * MIB) as usize..(off / MIB * MIB + MIB) as usize].fill(0);
+    let dirty = durable_after(&img, |im, _| {
+        let mut rng = imgfs::host::SplitMix64::new(99);
+        for i in 0..250u64 {
+            let off = rng.below(size - 5000);
+            let buf = random_bytes(1000 + i, 1 + rng.below(5000) as usize);
+            im.write_at(&buf, off).unwrap();
+            want[off as usize..off as usize + buf.len()].copy_from_slice(&buf);
+            if i % 7 == 3 {
+                im.write_zeroes(off / MIB * MIB, MIB, i % 2 == 0).unwrap();
+                want[(off / MIB * MIB) as usize..(off / MIB * MIB + MIB) as usize].fill(0);
+            }
+            im.flush().unwrap();
         }
-        im.flush().unwrap();
-    }
-    let stats = im.format_stats();
-    // More than 256 log sectors were written: the ring wrapped.
-    assert!(stats.log_entries_written >= 100, "{stats:?}");
-    let dirty = fault.durable();
-    std::mem::forget(im);
+        let stats = im.format_stats();
+        // More than 256 log sectors were written: the ring wrapped.
+        assert!(stats.log_entries_written >= 100, "{stats:?}");
+    });
     check_dirty_replay(d.path(), "wrapped", &dirty, &want);
 }
 
@@ -121,24 +109,16 @@ fn wrapped_log_with_many_entries_replays_like_qemu() {
 fn check_reports_dirty_log_and_repair_replays_it() {
     use imgfs::image::Repair;
     let d = tmpdir();
-    let img = d.path().join("c.vhdx");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "vhdx",
-        "-o",
-        "block_size=1M",
-        img.to_str().unwrap(),
-        "4M",
-    ]);
-    let fault = FaultFile::new(std::fs::read(&img).unwrap());
-    let im = fault_open(&fault, &img);
+    let img = TestImage::new(d.path(), "c.vhdx", "vhdx")
+        .opts("block_size=1M")
+        .size("4M")
+        .qemu()
+        .path;
     let buf = random_bytes(5, 100_000);
-    im.write_at(&buf, 12345).unwrap();
-    im.flush().unwrap();
-    let dirty = fault.durable();
-    std::mem::forget(im);
+    let dirty = durable_after(&img, |im, _| {
+        im.write_at(&buf, 12345).unwrap();
+        im.flush().unwrap();
+    });
     let p = write_file(d.path(), "dirty.vhdx", &dirty);
     let vhdx = imgfs::formats::by_name("vhdx").unwrap();
     let r = vhdx
@@ -173,18 +153,12 @@ fn check_reports_dirty_log_and_repair_replays_it() {
 #[test]
 fn huge_virtual_disk_opens_fast_with_bounded_memory() {
     let d = tmpdir();
-    let img = d.path().join("huge.vhdx");
     let size = 64u64 << 40;
-    let f = imgfs::host::HostFile::create(&img).unwrap();
-    let co = imgfs::image::CreateOpts {
-        size,
-        options: [("block_size".to_string(), "1M".to_string())].into(),
-        ..Default::default()
-    };
-    imgfs::formats::by_name("vhdx")
-        .unwrap()
-        .create(&f, &co)
-        .unwrap();
+    let img = TestImage::new(d.path(), "huge.vhdx", "vhdx")
+        .opt("block_size", "1M")
+        .size(size)
+        .imgfs()
+        .path;
     let t = std::time::Instant::now();
     let im = Image::open(&img, &OpenOpts::default()).unwrap();
     assert!(t.elapsed().as_secs() < 2, "open took {:?}", t.elapsed());
@@ -201,14 +175,7 @@ fn huge_virtual_disk_opens_fast_with_bounded_memory() {
     // 512 MiB of BAT, of which only a few pages were ever read.
     assert!(s.misses < 20, "{s:?}");
     drop(im);
-    let im = Image::open(
-        &img,
-        &OpenOpts {
-            read_only: true,
-            ..OpenOpts::default()
-        },
-    )
-    .unwrap();
+    let im = Image::open(&img, &open_opts(true)).unwrap();
     let mut back = vec![0u8; buf.len()];
     im.read_at(&mut back, size - buf.len() as u64).unwrap();
     assert_same(&back, &buf, "huge disk reopen");
@@ -223,18 +190,11 @@ fn bench_allocating_writes_against_qemu() {
     let d = tmpdir();
     let n = 256u64;
     let mk = |name: &str| {
-        let p = d.path().join(name);
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "vhdx",
-            "-o",
-            "block_size=1M",
-            p.to_str().unwrap(),
-            &format!("{}M", n),
-        ]);
-        p
+        TestImage::new(d.path(), name, "vhdx")
+            .opt("block_size", "1M")
+            .size(format!("{n}M"))
+            .qemu()
+            .path
     };
     let ours = mk("ours.vhdx");
     let im = Image::open(&ours, &OpenOpts::default()).unwrap();
@@ -334,17 +294,11 @@ fn logs_left_dirty_by_qemu_replay_like_qemu_check() {
         ],
     );
     for skip in [0u64, 2, 5] {
-        let img = d.path().join(format!("q{skip}.vhdx"));
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "vhdx",
-            "-o",
-            "block_size=1M",
-            img.to_str().unwrap(),
-            "12M",
-        ]);
+        let img = TestImage::new(d.path(), &format!("q{skip}.vhdx"), "vhdx")
+            .opts("block_size=1M")
+            .size("12M")
+            .qemu()
+            .path;
         // Earlier clean sessions leave older entries (other log GUIDs) in the log region.
         qemu_io("vhdx", &img, &["write -P 7 5M 64k", "write -P 8 9M 4k"]);
         let raw = std::fs::read(&img).unwrap();

@@ -2,6 +2,10 @@
 //! FUSE mounts that are always cleaned up.
 #![allow(dead_code)]
 
+mod image;
+#[allow(unused_imports)]
+pub use image::*;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -238,6 +242,16 @@ impl Mount {
         self.dir.join(name)
     }
 
+    /// The names in the mount's root, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(&self.dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
     /// The daemon's pid (from the root's xattr).
     pub fn pid(&self) -> i32 {
         let out = ok(
@@ -250,6 +264,12 @@ impl Mount {
             ],
         );
         out.trim().parse().unwrap()
+    }
+
+    /// `imgfs umount`, which must succeed.
+    pub fn umount_ok(self) {
+        let (umounted, err) = self.umount();
+        assert!(umounted, "umount: {err}");
     }
 
     /// `imgfs umount`; returns its exit status and stderr.
@@ -350,6 +370,16 @@ pub fn pwrite(path: &Path, off: u64, data: &[u8]) -> std::io::Result<()> {
     let f = std::fs::OpenOptions::new().write(true).open(path)?;
     f.write_all_at(data, off)?;
     f.sync_all()
+}
+
+/// `fallocate MODE -o OFF -l LEN PATH` (mode `--punch-hole`, `--zero-range`, ...), which must
+/// succeed.
+pub fn fallocate(path: &Path, mode: &str, off: u64, len: u64) {
+    let (off, len) = (off.to_string(), len.to_string());
+    ok(
+        "fallocate",
+        &[mode, "-o", &off, "-l", &len, path.to_str().unwrap()],
+    );
 }
 
 /// Open `path` with O_DIRECT, read-write when `write`.
