@@ -2,9 +2,9 @@
 //! active state and of each snapshot, bitmaps), compare with the stored refcounts, and repair.
 //! Used by `Format::check` and to rebuild refcounts of an image left dirty (lazy refcounts).
 
-use super::compressed::CompressedRef;
+use super::entry::{L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COPIED};
 use super::header::{BitmapsExt, Header, INCOMPAT_DIRTY, OFF_INCOMPAT};
-use super::map::{self, Alloc, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
+use super::map::{self, Alloc};
 use super::refcount::Refcounts;
 use super::{read_header, snapshot, Qcow2Map};
 use crate::error::{Error, Result};
@@ -100,23 +100,23 @@ impl Walker<'_> {
         let cs = self.cs();
         for i in 0..self.h.l2_entries() {
             let (e, _) = map::entry_at(t, i, ext);
-            if e & OFLAG_COMPRESSED != 0 {
+            if e.compressed() {
                 if self.h.has_data_file() {
                     self.error(format!(
                         "compressed cluster in L2 at {l2_off:#x} with a data file"
                     ));
                     continue;
                 }
-                let (off, len) = CompressedRef::decode(e, self.h.cluster_bits).refcount_range();
+                let (off, len) = e.compressed_ref(self.h.cluster_bits).refcount_range();
                 self.inc(off, len);
                 if active {
                     self.w.guest_allocated += 1;
                 }
                 continue;
             }
-            let host = e & L2E_OFFSET_MASK;
+            let host = e.host();
             if host == 0 {
-                if active && self.h.has_data_file() && e & OFLAG_COPIED != 0 {
+                if active && self.h.has_data_file() && e.copied() {
                     self.w.guest_allocated += 1;
                 }
                 continue;
@@ -138,7 +138,7 @@ impl Walker<'_> {
                 let what = format!("data cluster at {host:#x}");
                 self.w
                     .copied
-                    .push((host >> self.h.cluster_bits, e & OFLAG_COPIED != 0, what));
+                    .push((host >> self.h.cluster_bits, e.copied(), what));
             }
         }
     }
@@ -191,6 +191,7 @@ pub fn bitmap_ranges(
             continue;
         }
         for c in t.chunks_exact(8) {
+            // A bitmap table entry keeps its data cluster in the bits an L2 entry does.
             let off = be64(c, 0) & L2E_OFFSET_MASK;
             if off != 0 {
                 out.push((off, cs));

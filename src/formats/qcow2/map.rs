@@ -3,12 +3,13 @@
 //! ```text
 //!   guest off -> cluster = off >> cluster_bits
 //!             -> l1_index = cluster / l2_entries, l2_index = cluster % l2_entries
-//!   L1 entry: 63 copied | 55..9 L2 table offset
-//!   L2 entry: 63 copied | 62 compressed | 55..9 host cluster | 0 zero (v3, not extended)
-//!   extended L2: [entry u64][bitmap u64: 31..0 allocated, 63..32 reads-as-zero per subcluster]
+//!   L1 and L2 entries: see entry.rs
 //! ```
 
-use super::compressed::{self, CompressedRef};
+use super::compressed;
+pub use super::entry::{
+    entry_at, set_entry_at, L2Entry, Sc, Subclusters, L1E_OFFSET_MASK, SUBCLUSTERS,
+};
 use super::header::{Compression, Header};
 use super::refcount::Refcounts;
 use crate::cache::{TableCache, TableIo};
@@ -19,14 +20,6 @@ use parking_lot::{Mutex, MutexGuard, RwLock};
 use std::cell::{Cell, RefCell};
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
-
-pub const L1E_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
-pub const L2E_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
-pub const OFLAG_COPIED: u64 = 1 << 63;
-pub const OFLAG_COMPRESSED: u64 = 1 << 62;
-pub const OFLAG_ZERO: u64 = 1;
-pub const SUBCLUSTERS: u64 = 32;
-pub const ALL_ZERO_BITS: u64 = 0xffff_ffff << 32;
 
 /// Fixed facts about an open image.
 #[derive(Debug, Clone)]
@@ -80,7 +73,7 @@ pub enum Piece {
     Zero,
     Backing,
     /// A compressed cluster (its L2 entry).
-    Compressed(u64),
+    Compressed(L2Entry),
 }
 
 /// The L1 table in memory. Readers copy one entry under a short shared lock.
@@ -147,33 +140,6 @@ impl TableIo for L2Io<'_> {
     }
 }
 
-/// Read an L2 entry (and its subcluster bitmap) from a table buffer.
-pub fn entry_at(t: &[u8], idx: u64, ext: bool) -> (u64, u64) {
-    let i = idx as usize * if ext { 16 } else { 8 };
-    let e = be64(t, i);
-    let b = if ext { be64(t, i + 8) } else { 0 };
-    (e, b)
-}
-
-pub fn set_entry_at(t: &mut [u8], idx: u64, ext: bool, e: u64, b: u64) {
-    let i = idx as usize * if ext { 16 } else { 8 };
-    t[i..i + 8].copy_from_slice(&e.to_be_bytes());
-    if ext {
-        t[i + 8..i + 16].copy_from_slice(&b.to_be_bytes());
-    }
-}
-
-/// The state of subcluster `sc` in an extended entry: 'A'llocated, 'Z'ero or 'U'nallocated.
-pub fn sc_state(bitmap: u64, sc: u64) -> u8 {
-    if bitmap >> sc & 1 != 0 {
-        b'A'
-    } else if bitmap >> (32 + sc) & 1 != 0 {
-        b'Z'
-    } else {
-        b'U'
-    }
-}
-
 /// The read side shared by the active image and snapshot views.
 ///
 /// Locks: `l1` (shared for a lookup, exclusive for a moment to change an entry), the L2
@@ -192,7 +158,7 @@ pub struct Mapper {
     /// End of the clusters handed out so far (the file may be shorter until the next flush).
     pub frontier: Arc<AtomicU64>,
     /// Last decompressed cluster, keyed by its L2 entry.
-    zcache: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
+    zcache: Mutex<Option<(L2Entry, Arc<Vec<u8>>)>>,
 }
 
 impl Mapper {
@@ -247,12 +213,19 @@ impl Mapper {
         }
     }
 
-    pub fn l2_entry(&self, io: &L2Io, l2_off: u64, idx: u64) -> Result<(u64, u64)> {
+    pub fn l2_entry(&self, io: &L2Io, l2_off: u64, idx: u64) -> Result<(L2Entry, Subclusters)> {
         let ext = self.geo.ext_l2;
         self.l2.with(io, l2_off, |t| entry_at(t, idx, ext))
     }
 
-    pub fn set_l2_entry(&self, io: &L2Io, l2_off: u64, idx: u64, e: u64, b: u64) -> Result<()> {
+    pub fn set_l2_entry(
+        &self,
+        io: &L2Io,
+        l2_off: u64,
+        idx: u64,
+        e: L2Entry,
+        b: Subclusters,
+    ) -> Result<()> {
         let ext = self.geo.ext_l2;
         self.l2
             .with_mut(io, l2_off, |t| set_entry_at(t, idx, ext, e, b))
@@ -297,10 +270,10 @@ impl Mapper {
         self.classify(e, b, in_c).map_err(|err| err.at(at))
     }
 
-    pub fn classify(&self, e: u64, bitmap: u64, in_c: u64) -> Result<(Piece, u64)> {
+    pub fn classify(&self, e: L2Entry, bitmap: Subclusters, in_c: u64) -> Result<(Piece, u64)> {
         let g = &self.geo;
         let rest = g.cs - in_c;
-        if e & OFLAG_COMPRESSED != 0 {
+        if e.compressed() {
             if g.external {
                 return Err(Error::corrupt(
                     "compressed cluster in an image with a data file",
@@ -308,48 +281,52 @@ impl Mapper {
             }
             return Ok((Piece::Compressed(e), rest));
         }
-        let host = e & L2E_OFFSET_MASK;
+        let host = e.host();
         if host & (g.cs - 1) != 0 {
             return Err(Error::corrupt(format!(
-                "L2 entry {e:#x}: host offset {host:#x} is not cluster aligned"
+                "L2 entry {:#x}: host offset {host:#x} is not cluster aligned",
+                e.0
             )));
         }
-        let has_host = host != 0 || (g.external && e & OFLAG_COPIED != 0);
+        let has_host = e.has_host(g.external);
         if !g.ext_l2 {
-            if g.version >= 3 && e & OFLAG_ZERO != 0 {
+            if g.version >= 3 && e.zero_flag() {
                 return Ok((Piece::Zero, rest));
             }
             if !has_host {
-                if e & OFLAG_COPIED != 0 {
+                if e.copied() {
                     return Err(Error::corrupt(format!(
-                        "L2 entry {e:#x} points at the image header"
+                        "L2 entry {:#x} points at the image header",
+                        e.0
                     )));
                 }
                 return Ok((Piece::Backing, rest));
             }
             return Ok((Piece::Data(host + in_c), rest));
         }
-        if bitmap & (bitmap >> 32) & 0xffff_ffff != 0 {
+        if bitmap.conflicting() {
             return Err(Error::corrupt(format!(
-                "extended L2 bitmap {bitmap:#x} marks subclusters both allocated and zero"
+                "extended L2 bitmap {:#x} marks subclusters both allocated and zero",
+                bitmap.0
             )));
         }
         let sc = in_c / g.sc_size;
-        let state = sc_state(bitmap, sc);
+        let state = bitmap.state(sc);
         let mut end = sc + 1;
-        while end < SUBCLUSTERS && sc_state(bitmap, end) == state {
+        while end < SUBCLUSTERS && bitmap.state(end) == state {
             end += 1;
         }
         let run = end * g.sc_size - in_c;
         Ok(match state {
-            b'A' if !has_host => {
+            Sc::Allocated if !has_host => {
                 return Err(Error::corrupt(format!(
-                    "extended L2 entry {e:#x} has allocated subclusters but no host cluster"
+                    "extended L2 entry {:#x} has allocated subclusters but no host cluster",
+                    e.0
                 )))
             }
-            b'A' => (Piece::Data(host + in_c), run),
-            b'Z' => (Piece::Zero, run),
-            _ => (Piece::Backing, run),
+            Sc::Allocated => (Piece::Data(host + in_c), run),
+            Sc::Zero => (Piece::Zero, run),
+            Sc::Unallocated => (Piece::Backing, run),
         })
     }
 
@@ -410,8 +387,8 @@ impl Mapper {
         Ok(())
     }
 
-    pub fn decompress(&self, entry: u64, out: &mut [u8]) -> Result<()> {
-        let r = CompressedRef::decode(entry, self.geo.cluster_bits);
+    pub fn decompress(&self, entry: L2Entry, out: &mut [u8]) -> Result<()> {
+        let r = entry.compressed_ref(self.geo.cluster_bits);
         compressed::read_cluster(&self.file, r, self.geo.compression, out)
     }
 

@@ -22,6 +22,7 @@
 mod check;
 mod compressed;
 mod create;
+mod entry;
 pub mod header;
 mod map;
 mod refcount;

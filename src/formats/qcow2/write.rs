@@ -9,14 +9,11 @@
 //!               -> L2 tables, sync -> L1, sync -> deferred frees (refcount -1, punch)
 //! ```
 
-use super::compressed::CompressedRef;
+use super::entry::OFLAG_COPIED;
 use super::header::{
     AUTOCLEAR_DATA_FILE_RAW, EXT_BITMAPS, INCOMPAT_DIRTY, OFF_AUTOCLEAR, OFF_INCOMPAT,
 };
-use super::map::Alloc;
-use super::map::{
-    sc_state, ALL_ZERO_BITS, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO,
-};
+use super::map::{Alloc, L2Entry, Sc, Subclusters};
 use super::Qcow2Map;
 use crate::error::{Error, Result};
 use crate::format::{write_fill, Fill};
@@ -140,11 +137,11 @@ fn l2_for_write(map: &Qcow2Map, a: &mut Alloc, l1_index: u64) -> Result<u64> {
 }
 
 /// May the data cluster of entry `e` be written in place?
-fn owned(map: &Qcow2Map, a: &mut Alloc, e: u64) -> Result<bool> {
-    if e & OFLAG_COPIED != 0 || map.m.geo.external {
+fn owned(map: &Qcow2Map, a: &mut Alloc, e: L2Entry) -> Result<bool> {
+    if e.copied() || map.m.geo.external {
         return Ok(true);
     }
-    let host = e & L2E_OFFSET_MASK;
+    let host = e.host();
     Ok(refcounts(a)?.get(host >> map.m.geo.cluster_bits)? == 1)
 }
 
@@ -172,10 +169,7 @@ fn fresh_followers(map: &Qcow2Map, l2_off: u64, l2_index: u64, in_c: u64, len: u
     }
     while count < 256 && l2_index + count < g.l2_entries && count * g.cs - in_c < len {
         let (e, _) = map.m.l2_entry(&map.m.read_io(), l2_off, l2_index + count)?;
-        let has_data = e & OFLAG_COMPRESSED != 0
-            || e & L2E_OFFSET_MASK != 0
-            || (g.external && e & OFLAG_COPIED != 0);
-        if has_data {
+        if e.compressed() || e.has_host(g.external) {
             break;
         }
         count += 1;
@@ -218,15 +212,14 @@ fn read_cluster(map: &Qcow2Map, host: u64) -> Result<Vec<u8>> {
     Ok(buf)
 }
 
-fn free_old(map: &Qcow2Map, a: &mut Alloc, e: u64) -> Result<()> {
+fn free_old(map: &Qcow2Map, a: &mut Alloc, e: L2Entry) -> Result<()> {
     let g = &map.m.geo;
-    if e & OFLAG_COMPRESSED != 0 {
-        let r = CompressedRef::decode(e, g.cluster_bits);
-        let (off, len) = r.refcount_range();
+    if e.compressed() {
+        let (off, len) = e.compressed_ref(g.cluster_bits).refcount_range();
         refcounts(a)?.defer_free(off, len);
         map.m.forget_compressed();
-    } else if !g.external && e & L2E_OFFSET_MASK != 0 {
-        refcounts(a)?.defer_free(e & L2E_OFFSET_MASK, g.cs);
+    } else if !g.external && e.host() != 0 {
+        refcounts(a)?.defer_free(e.host(), g.cs);
     }
     Ok(())
 }
@@ -255,23 +248,23 @@ pub fn map_write(map: &Qcow2Map, off: u64, len: u64, below: &dyn Below) -> Resul
     // What was read before the lock, if the entry is still the one it was read for.
     let pre = pre.filter(|(pe, _)| *pe == e).map(|(_, bytes)| bytes);
     let guest = cluster << g.cluster_bits;
-    if g.ext_l2 && e & OFLAG_COMPRESSED == 0 {
+    if g.ext_l2 && !e.compressed() {
         return write_ext(map, a, below, (l2_off, l2_index), (e, b), guest, in_c, n);
     }
-    let host = e & L2E_OFFSET_MASK;
-    let compressed = e & OFLAG_COMPRESSED != 0;
-    let zero = !g.ext_l2 && g.version >= 3 && e & OFLAG_ZERO != 0;
-    let has_host = !compressed && (host != 0 || (g.external && e & OFLAG_COPIED != 0));
+    let host = e.host();
+    let compressed = e.compressed();
+    let zero = !g.ext_l2 && g.version >= 3 && e.zero_flag();
+    let has_host = !compressed && e.has_host(g.external);
     let ranges = [(0, in_c), (in_c + n, g.cs)];
     if has_host && owned(map, a, e)? {
         if zero {
             let known_zero = host >= map.m.data.len()?;
             fill(map, below, host, guest, &ranges, &Src::Zeros, known_zero)?;
         }
-        let ne = host | OFLAG_COPIED;
+        let ne = L2Entry::owned(host);
         if ne != e {
             map.m
-                .set_l2_entry(&map.m.write_io(a), l2_off, l2_index, ne, 0)?;
+                .set_l2_entry(&map.m.write_io(a), l2_off, l2_index, ne, Subclusters::NONE)?;
         }
         let n = if zero {
             n
@@ -318,9 +311,9 @@ pub fn map_write(map: &Qcow2Map, off: u64, len: u64, below: &dyn Below) -> Resul
         Src::Below
     };
     fill(map, below, new, guest, &ranges, &src, known_zero)?;
-    let nb = if g.ext_l2 { 0xffff_ffff } else { 0 };
+    let (ne, nb) = (L2Entry::owned(new), Subclusters::full(g.ext_l2));
     map.m
-        .set_l2_entry(&map.m.write_io(a), l2_off, l2_index, new | OFLAG_COPIED, nb)?;
+        .set_l2_entry(&map.m.write_io(a), l2_off, l2_index, ne, nb)?;
     free_old(map, a, e)?;
     Ok(Extent::Data {
         host: new + in_c,
@@ -347,18 +340,17 @@ fn write_in_place(map: &Qcow2Map, off: u64, len: u64) -> Result<Option<Extent>> 
     }
     let (e, b) = map.m.l2_entry(&map.m.read_io(), l2_off, l2_index)?;
     map.m.classify(e, b, in_c)?;
-    let host = e & L2E_OFFSET_MASK;
-    let plain = e & OFLAG_COPIED != 0
-        && e & OFLAG_COMPRESSED == 0
+    let host = e.host();
+    let plain = e.copied()
+        && !e.compressed()
         && (host != 0 || g.external)
-        && (g.ext_l2 || g.version < 3 || e & OFLAG_ZERO == 0);
+        && (g.ext_l2 || g.version < 3 || !e.zero_flag());
     if !plain {
         return Ok(None);
     }
     if g.ext_l2 {
         let (s0, s1) = (in_c / g.sc_size, (in_c + n - 1) / g.sc_size);
-        let touched = ((1u64 << (s1 + 1)) - 1) & !((1u64 << s0) - 1);
-        if b & touched != touched {
+        if !b.allocated(s0, s1) {
             return Ok(None);
         }
         return Ok(Some(Extent::Data {
@@ -382,7 +374,7 @@ fn cow_source(
     off: u64,
     len: u64,
     below: &dyn Below,
-) -> Result<Option<(u64, Vec<u8>)>> {
+) -> Result<Option<(L2Entry, Vec<u8>)>> {
     let g = &map.m.geo;
     let cluster = off >> g.cluster_bits;
     let in_c = off & (g.cs - 1);
@@ -391,7 +383,7 @@ fn cow_source(
     }
     let l2_off = map.m.l2_offset(cluster / g.l2_entries)?;
     let e = if l2_off == 0 {
-        0
+        L2Entry::UNALLOCATED
     } else {
         let (e, b) = map
             .m
@@ -399,12 +391,12 @@ fn cow_source(
         map.m.classify(e, b, in_c)?;
         e
     };
-    let host = e & L2E_OFFSET_MASK;
+    let host = e.host();
     let guest = cluster << g.cluster_bits;
     let mut buf = vec![0u8; g.cs as usize];
-    if e & OFLAG_COMPRESSED != 0 {
+    if e.compressed() {
         map.m.decompress(e, &mut buf)?;
-    } else if e & OFLAG_COPIED != 0 || (g.version >= 3 && e & OFLAG_ZERO != 0) {
+    } else if e.copied() || (g.version >= 3 && e.zero_flag()) {
         return Ok(None); // written in place, or filled with zeros
     } else if host != 0 {
         buf = read_cluster(map, host)?;
@@ -425,7 +417,7 @@ fn write_fresh_run(
     a: &mut Alloc,
     below: &dyn Below,
     (l2_off, l2_index): (u64, u64),
-    (first, pre): (u64, Option<&[u8]>),
+    (first, pre): (L2Entry, Option<&[u8]>),
     new: u64,
     guest: u64,
     in_c: u64,
@@ -441,13 +433,13 @@ fn write_fresh_run(
         let mut buf = vec![0u8; cs as usize];
         let src = if let Some(bytes) = pre {
             Src::Bytes(bytes)
-        } else if first & OFLAG_COMPRESSED != 0 {
+        } else if first.compressed() {
             map.m.decompress(first, &mut buf)?;
             Src::Bytes(&buf)
-        } else if first & L2E_OFFSET_MASK != 0 || (g.external && first & OFLAG_COPIED != 0) {
-            buf = read_cluster(map, first & L2E_OFFSET_MASK)?;
+        } else if first.has_host(g.external) {
+            buf = read_cluster(map, first.host())?;
             Src::Bytes(&buf)
-        } else if g.version >= 3 && first & OFLAG_ZERO != 0 {
+        } else if g.version >= 3 && first.zero_flag() {
             Src::Zeros
         } else {
             Src::Below
@@ -460,7 +452,7 @@ fn write_fresh_run(
     let tail = end - last * cs;
     if tail < cs {
         let (e, _) = map.m.l2_entry(&map.m.read_io(), l2_off, l2_index + last)?;
-        let src = if g.version >= 3 && e & OFLAG_ZERO != 0 {
+        let src = if g.version >= 3 && e.zero_flag() {
             Src::Zeros
         } else {
             Src::Below
@@ -481,8 +473,8 @@ fn write_fresh_run(
             &map.m.write_io(a),
             l2_off,
             l2_index + i,
-            (new + i * cs) | OFLAG_COPIED,
-            0,
+            L2Entry::owned(new + i * cs),
+            Subclusters::NONE,
         )?;
     }
     free_old(map, a, first)?;
@@ -505,9 +497,9 @@ fn extend_in_place(
     let mut k = 1;
     while n < len && l2_index + k < g.l2_entries {
         let (e, b) = map.m.l2_entry(&map.m.read_io(), l2_off, l2_index + k)?;
-        let plain = e & (OFLAG_COMPRESSED | OFLAG_ZERO) == 0 && e & OFLAG_COPIED != 0;
-        let all_alloc = !g.ext_l2 || b & 0xffff_ffff == 0xffff_ffff;
-        if !plain || !all_alloc || e & L2E_OFFSET_MASK != host + k * g.cs {
+        let plain = !e.compressed() && !e.zero_flag() && e.copied();
+        let all_alloc = !g.ext_l2 || b.all_allocated();
+        if !plain || !all_alloc || e.host() != host + k * g.cs {
             break;
         }
         n += (len - n).min(g.cs);
@@ -523,14 +515,14 @@ fn write_ext(
     a: &mut Alloc,
     below: &dyn Below,
     (l2_off, l2_index): (u64, u64),
-    (e, b): (u64, u64),
+    (e, b): (L2Entry, Subclusters),
     guest: u64,
     in_c: u64,
     n: u64,
 ) -> Result<Extent> {
     let g = &map.m.geo;
-    let host = e & L2E_OFFSET_MASK;
-    let has_host = host != 0 || (g.external && e & OFLAG_COPIED != 0);
+    let host = e.host();
+    let has_host = e.has_host(g.external);
     let is_owned = has_host && owned(map, a, e)?;
     let (target, copied_from) = if is_owned {
         (host, None)
@@ -551,22 +543,21 @@ fn write_ext(
         edges.push(s1);
     }
     for sc in edges {
-        let state = sc_state(b, sc);
-        if state == b'A' {
+        let state = b.state(sc);
+        if state == Sc::Allocated {
             continue;
         }
         let (lo, hi) = (sc * scs, (sc + 1) * scs);
         let ranges = [(lo, in_c.max(lo).min(hi)), ((in_c + n).max(lo), hi)];
-        let src = if state == b'Z' {
+        let src = if state == Sc::Zero {
             Src::Zeros
         } else {
             Src::Below
         };
         fill(map, below, target, guest, &ranges, &src, known_zero)?;
     }
-    let touched = ((1u64 << (s1 + 1)) - 1) & !((1u64 << s0) - 1);
-    let nb = (b | touched) & !(touched << 32);
-    let ne = target | OFLAG_COPIED;
+    let nb = b.allocate(s0, s1);
+    let ne = L2Entry::owned(target);
     if (ne, nb) != (e, b) {
         map.m
             .set_l2_entry(&map.m.write_io(a), l2_off, l2_index, ne, nb)?;
@@ -616,28 +607,34 @@ pub fn write_zeroes(map: &Qcow2Map, off: u64, len: u64, unmap: bool) -> Result<b
 }
 
 /// The entry (and bitmap) of a cluster after zeroing it; frees what is no longer used.
-fn zeroed_entry(map: &Qcow2Map, a: &mut Alloc, e: u64, unmap: bool) -> Result<(u64, u64)> {
+fn zeroed_entry(
+    map: &Qcow2Map,
+    a: &mut Alloc,
+    e: L2Entry,
+    unmap: bool,
+) -> Result<(L2Entry, Subclusters)> {
     let g = &map.m.geo;
-    let host = e & L2E_OFFSET_MASK;
-    let compressed = e & OFLAG_COMPRESSED != 0;
-    let has_host = !compressed && (host != 0 || (g.external && e & OFLAG_COPIED != 0));
+    let host = e.host();
+    let compressed = e.compressed();
+    let has_host = !compressed && e.has_host(g.external);
     let keep = !unmap && has_host && g.version >= 3 && owned(map, a, e)?;
     if keep {
         return Ok(if g.ext_l2 {
-            (host | OFLAG_COPIED, ALL_ZERO_BITS)
+            (L2Entry::owned(host), Subclusters::ALL_ZERO)
         } else {
-            (host | OFLAG_COPIED | OFLAG_ZERO, 0)
+            (L2Entry::owned(host).with_zero_flag(), Subclusters::NONE)
         });
     }
     if has_host || compressed {
         free_old(map, a, e)?;
     }
     let need_flag = g.has_backing || g.external;
+    let none = L2Entry::UNALLOCATED;
     Ok(match (g.ext_l2, need_flag && g.version >= 3) {
-        (true, true) => (0, ALL_ZERO_BITS),
-        (true, false) => (0, 0),
-        (false, true) => (OFLAG_ZERO, 0),
-        (false, false) => (0, 0),
+        (true, true) => (none, Subclusters::ALL_ZERO),
+        (true, false) => (none, Subclusters::NONE),
+        (false, true) => (L2Entry::ZERO, Subclusters::NONE),
+        (false, false) => (none, Subclusters::NONE),
     })
 }
 
@@ -709,13 +706,12 @@ pub fn preallocate(map: &Qcow2Map) -> Result<()> {
     for cluster in 0..clusters {
         let l2_off = l2_for_write(map, a, cluster / g.l2_entries)?;
         let host = alloc_data(map, a, cluster << g.cluster_bits)?;
-        let nb = if g.ext_l2 { 0xffff_ffff } else { 0 };
         map.m.set_l2_entry(
             &map.m.write_io(a),
             l2_off,
             cluster % g.l2_entries,
-            host | OFLAG_COPIED,
-            nb,
+            L2Entry::owned(host),
+            Subclusters::full(g.ext_l2),
         )?;
     }
     flush(map, a)
