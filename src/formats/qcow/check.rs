@@ -3,7 +3,7 @@
 //! compressed clusters inside the file. Repair (`-r all`) clears invalid entries, so the guest
 //! sees the backing file (or zeros) there. qcow has no refcounts, so nothing counts as a leak.
 
-use super::header::{Header, COMPRESSED};
+use super::header::{Entry, Header};
 use crate::error::Result;
 use crate::format::{CheckReport, Repair};
 use crate::host::HostFile;
@@ -93,7 +93,6 @@ fn check_l2(
     seen: &mut HashSet<u64>,
     r: &mut CheckReport,
 ) -> Result<()> {
-    let cb = h.cluster_bits as u32;
     let cs = h.cluster_size();
     let mut t = vec![0u8; h.l2_bytes() as usize];
     file.read_exact_at(&mut t, l2_off)?;
@@ -104,11 +103,9 @@ fn check_l2(
             continue;
         }
         r.allocated_clusters += 1;
-        let (off, len, shareable) = if e & COMPRESSED != 0 {
-            let size = (e >> (63 - cb)) & (cs - 1);
-            (e & ((1 << (63 - cb)) - 1), size, true)
-        } else {
-            (e, cs, false)
+        let (off, len, shareable) = match Entry::decode(e, h.cluster_bits as u32) {
+            Entry::Compressed { off, size } => (off, size, true),
+            _ => (e, cs, false),
         };
         let inside = !meta.overlaps(off, len.max(1))
             && len > 0

@@ -17,6 +17,41 @@ pub const MAGIC: &[u8; 4] = b"QFI\xfb";
 pub const VERSION: u32 = 1;
 pub const HEADER_LEN: usize = 48;
 pub const COMPRESSED: u64 = 1 << 63;
+
+/// An L2 entry, decoded: unallocated (0), a compressed cluster (bit 63, with its byte count in
+/// the `cluster_bits` bits below and its byte offset in the low `63 - cluster_bits` bits), or
+/// the byte offset of a data cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Entry {
+    Unalloc,
+    Data(u64),
+    Compressed { off: u64, size: u64 },
+}
+
+impl Entry {
+    pub fn decode(raw: u64, cluster_bits: u32) -> Entry {
+        if raw == 0 {
+            Entry::Unalloc
+        } else if raw & COMPRESSED != 0 {
+            let low = 63 - cluster_bits;
+            Entry::Compressed {
+                off: raw & ((1 << low) - 1),
+                size: (raw >> low) & ((1 << cluster_bits) - 1),
+            }
+        } else {
+            Entry::Data(raw)
+        }
+    }
+
+    pub fn encode(self, cluster_bits: u32) -> u64 {
+        match self {
+            Entry::Unalloc => 0,
+            Entry::Data(off) => off,
+            Entry::Compressed { off, size } => COMPRESSED | size << (63 - cluster_bits) | off,
+        }
+    }
+}
+
 /// QEMU reads the backing file name into a 1024-byte buffer.
 pub const MAX_BACKING_NAME: u32 = 1023;
 /// The L1 table is kept in memory: refuse larger ones (32 MiB maps 8 PiB with 64 KiB clusters).

@@ -27,7 +27,7 @@ use crate::format::{
     OpenCtx, Repair,
 };
 use crate::host::HostFile;
-use header::{Header, COMPRESSED, HEADER_LEN};
+use header::{Entry, Header, HEADER_LEN};
 use parking_lot::{Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -56,13 +56,6 @@ fn read_header(file: &HostFile) -> Result<Header> {
     let mut buf = [0u8; HEADER_LEN];
     let n = file.read_at(&mut buf, 0)?;
     Header::parse(&buf[..n], file.len()?)
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Entry {
-    Unalloc,
-    Data(u64),
-    Compressed { off: u64, size: u64 },
 }
 
 /// Loads and stores L2 tables; a table is stored only after the clusters it may point at are
@@ -193,16 +186,7 @@ impl QcowMap {
     }
 
     fn classify(&self, raw: u64, fs: u64) -> Result<Entry> {
-        let cb = self.hdr.cluster_bits as u32;
-        let e = if raw == 0 {
-            Entry::Unalloc
-        } else if raw & COMPRESSED != 0 {
-            let size = (raw >> (63 - cb)) & (self.cs - 1);
-            let off = raw & ((1 << (63 - cb)) - 1);
-            Entry::Compressed { off, size }
-        } else {
-            Entry::Data(raw)
-        };
+        let e = Entry::decode(raw, self.hdr.cluster_bits as u32);
         let ok = match e {
             Entry::Unalloc => true,
             Entry::Data(off) => off >= HEADER_LEN as u64 && off < fs,
@@ -262,7 +246,7 @@ impl QcowMap {
 
     /// Inflate a compressed cluster (raw deflate, exactly one cluster of output).
     fn decompress(&self, off: u64, size: u64) -> Result<Vec<u8>> {
-        let key = off | (size << (63 - self.hdr.cluster_bits as u32)) | COMPRESSED;
+        let key = Entry::Compressed { off, size }.encode(self.hdr.cluster_bits as u32);
         if let Some((k, data)) = self.zcache.lock().as_ref() {
             if *k == key {
                 return Ok(data.clone());
