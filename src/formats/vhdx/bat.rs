@@ -14,23 +14,84 @@ use crate::error::{Error, Result};
 
 pub const PAGE_SIZE: u64 = 4096;
 
-pub const NOT_PRESENT: u64 = 0;
-pub const UNDEFINED: u64 = 1;
-pub const ZERO: u64 = 2;
-pub const UNMAPPED: u64 = 3;
-pub const FULLY_PRESENT: u64 = 6;
-pub const PARTIALLY_PRESENT: u64 = 7;
-/// Sector-bitmap entry state.
-pub const SB_PRESENT: u64 = 6;
+/// The state of a payload block's BAT entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Payload {
+    NotPresent,
+    Undefined,
+    Zero,
+    Unmapped,
+    FullyPresent,
+    PartiallyPresent,
+    /// 4 or 5: reserved, invalid.
+    Reserved(u64),
+}
 
-pub fn state(e: u64) -> u64 {
-    e & 7
+impl Payload {
+    fn code(self) -> u64 {
+        match self {
+            Payload::NotPresent => 0,
+            Payload::Undefined => 1,
+            Payload::Zero => 2,
+            Payload::Unmapped => 3,
+            Payload::FullyPresent => 6,
+            Payload::PartiallyPresent => 7,
+            Payload::Reserved(s) => s,
+        }
+    }
 }
-pub fn offset(e: u64) -> u64 {
-    (e >> 20) << 20
+
+/// The state of a sector bitmap block's BAT entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SectorBitmap {
+    NotPresent,
+    Present,
+    /// Any other state: invalid.
+    Reserved(u64),
 }
-pub fn entry(state: u64, offset: u64) -> u64 {
-    (offset & !(MIB - 1)) | state
+
+const SB_PRESENT: u64 = 6;
+
+/// One BAT entry as stored: bits 0-2 state, bits 20-63 file offset in MiB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BatEntry(pub u64);
+
+impl BatEntry {
+    /// The entry of a payload block in state `state` at file offset `offset` (whole MiB).
+    pub fn payload(state: Payload, offset: u64) -> BatEntry {
+        BatEntry((offset & !(MIB - 1)) | state.code())
+    }
+    /// The entry of a present sector bitmap block at `offset`.
+    pub fn bitmap(offset: u64) -> BatEntry {
+        BatEntry((offset & !(MIB - 1)) | SB_PRESENT)
+    }
+    /// The raw state bits (0-7).
+    pub fn state(self) -> u64 {
+        self.0 & 7
+    }
+    pub fn offset(self) -> u64 {
+        (self.0 >> 20) << 20
+    }
+    /// The state, read as a payload block entry.
+    pub fn payload_state(self) -> Payload {
+        match self.state() {
+            0 => Payload::NotPresent,
+            1 => Payload::Undefined,
+            2 => Payload::Zero,
+            3 => Payload::Unmapped,
+            6 => Payload::FullyPresent,
+            7 => Payload::PartiallyPresent,
+            s => Payload::Reserved(s),
+        }
+    }
+    /// The state, read as a sector bitmap entry.
+    pub fn bitmap_state(self) -> SectorBitmap {
+        match self.state() {
+            0 => SectorBitmap::NotPresent,
+            SB_PRESENT => SectorBitmap::Present,
+            s => SectorBitmap::Reserved(s),
+        }
+    }
 }
 
 /// Sizes derived from the metadata, with the BAT region checked against them.
@@ -116,6 +177,24 @@ mod tests {
     }
 
     #[test]
+    fn entries_round_trip() {
+        for s in [0, 1, 2, 3, 4, 5, 6, 7] {
+            let e = BatEntry((5 << 20) | s);
+            assert_eq!(BatEntry::payload(e.payload_state(), e.offset()), e);
+            assert_eq!(e.offset(), 5 << 20);
+            assert_eq!(e.state(), s);
+        }
+        assert_eq!(
+            BatEntry::payload(Payload::FullyPresent, 3 << 20).0,
+            (3 << 20) | 6
+        );
+        assert_eq!(BatEntry::bitmap(MIB).bitmap_state(), SectorBitmap::Present);
+        assert_eq!(BatEntry(0).bitmap_state(), SectorBitmap::NotPresent);
+        assert_eq!(BatEntry(7).bitmap_state(), SectorBitmap::Reserved(7));
+        assert_eq!(BatEntry(4).payload_state(), Payload::Reserved(4));
+    }
+
+    #[test]
     fn chunk_ratio_and_indices() {
         let r = Region {
             offset: 2 * MIB,
@@ -138,8 +217,8 @@ mod tests {
 
     #[test]
     fn entry_fields() {
-        let e = entry(FULLY_PRESENT, 5 * MIB);
-        assert_eq!(state(e), FULLY_PRESENT);
-        assert_eq!(offset(e), 5 * MIB);
+        let e = BatEntry::payload(Payload::FullyPresent, 5 * MIB);
+        assert_eq!(e.payload_state(), Payload::FullyPresent);
+        assert_eq!(e.offset(), 5 * MIB);
     }
 }

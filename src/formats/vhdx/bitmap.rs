@@ -6,7 +6,7 @@
 //!   bit (b % cr) * sectors_per_block + s  ->  byte bit/8, bit bit%8 (LSB first)
 //! ```
 
-use super::bat::{self, PAGE_SIZE};
+use super::bat::{SectorBitmap, PAGE_SIZE};
 use super::header::MIB;
 use super::map::{State, VhdxMap};
 use crate::error::{Error, Result};
@@ -17,13 +17,13 @@ impl VhdxMap {
     pub(super) fn bitmap_block(&self, block: u64) -> Result<Option<u64>> {
         let idx = self.geo.bitmap_index(block / self.geo.chunk_ratio);
         let e = self.read_entry(idx)?;
-        match bat::state(e) {
-            bat::SB_PRESENT => Ok(Some(self.checked_offset(idx, e, MIB)?)),
-            bat::NOT_PRESENT => Ok(None),
-            s => Err(
-                Error::corrupt(format!("VHDX sector bitmap entry {idx} has state {s}"))
-                    .at(self.geo.entry_pos(idx)),
-            ),
+        match e.bitmap_state() {
+            SectorBitmap::Present => Ok(Some(self.checked_offset(idx, e, MIB)?)),
+            SectorBitmap::NotPresent => Ok(None),
+            SectorBitmap::Reserved(s) => Err(Error::corrupt(format!(
+                "VHDX sector bitmap entry {idx} has state {s}"
+            ))
+            .at(self.geo.entry_pos(idx))),
         }
     }
 

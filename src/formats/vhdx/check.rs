@@ -1,6 +1,6 @@
 //! `check`: log state and BAT sanity; repair replays the log.
 
-use super::bat;
+use super::bat::{Payload, SectorBitmap};
 use super::map::VhdxMap;
 use crate::error::Result;
 use crate::format::{CheckReport, Repair};
@@ -25,19 +25,29 @@ pub fn check(file: HostFile, repair: Repair) -> Result<CheckReport> {
     let mut seen = std::collections::HashSet::new();
     for idx in 0..g.bat_entries {
         let e = map.read_entry(idx)?;
-        let s = bat::state(e);
+        let s = e.state();
         let is_bm = g.is_bitmap_index(idx);
         let (len, used) = if is_bm {
-            (super::header::MIB, s == bat::SB_PRESENT)
+            (
+                super::header::MIB,
+                e.bitmap_state() == SectorBitmap::Present,
+            )
         } else {
             r.total_clusters += 1;
-            let used = matches!(s, bat::FULLY_PRESENT | bat::PARTIALLY_PRESENT);
+            let used = matches!(
+                e.payload_state(),
+                Payload::FullyPresent | Payload::PartiallyPresent
+            );
             (g.block_size, used)
         };
         let bad_state = if is_bm {
-            !matches!(s, bat::NOT_PRESENT | bat::SB_PRESENT)
+            matches!(e.bitmap_state(), SectorBitmap::Reserved(_))
         } else {
-            matches!(s, 4 | 5) || (s == bat::PARTIALLY_PRESENT && !g.has_parent)
+            match e.payload_state() {
+                Payload::Reserved(_) => true,
+                Payload::PartiallyPresent => !g.has_parent,
+                _ => false,
+            }
         };
         if bad_state {
             r.corruptions += 1;

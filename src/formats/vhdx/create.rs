@@ -10,7 +10,7 @@
 //!   +      payload blocks (fixed images only)
 //! ```
 
-use super::bat::{self, Geometry};
+use super::bat::{BatEntry, Geometry, Payload};
 use super::header::{Guid, Header, Region, RegionTable, HEADER_OFFSETS, MIB, REGION_OFFSETS};
 use super::metadata::{Metadata, MAX_VIRTUAL_SIZE};
 use crate::error::{Error, Result};
@@ -233,12 +233,16 @@ fn write_bat(file: &HostFile, geo: &Geometry, p: &Params, data_start: u64) -> Re
             }
             let e = match (p.fixed, p.block_state_zero) {
                 (true, zero) => {
-                    let st = if zero { bat::ZERO } else { bat::FULLY_PRESENT };
-                    bat::entry(st, data_start + block * p.block_size)
+                    let st = if zero {
+                        Payload::Zero
+                    } else {
+                        Payload::FullyPresent
+                    };
+                    BatEntry::payload(st, data_start + block * p.block_size)
                 }
-                (false, _) => bat::entry(bat::ZERO, 0),
+                (false, _) => BatEntry::payload(Payload::Zero, 0),
             };
-            buf[(i * 8) as usize..(i * 8 + 8) as usize].copy_from_slice(&e.to_le_bytes());
+            buf[(i * 8) as usize..(i * 8 + 8) as usize].copy_from_slice(&e.0.to_le_bytes());
             block += 1;
         }
         file.write_all_at(&buf, geo.entry_pos(idx))?;

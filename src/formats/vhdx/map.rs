@@ -1,6 +1,6 @@
 //! The open image: BAT lookups, block allocation, sector bitmaps, log-covered metadata writes.
 
-use super::bat::{self, Geometry, PAGE_SIZE};
+use super::bat::{BatEntry, Geometry, Payload, PAGE_SIZE};
 use super::header::{Guid, Headers, Region, RegionTable, MIB};
 use super::log::{self, LogOp, NewEntry};
 use super::metadata::{self, Metadata};
@@ -233,25 +233,33 @@ impl VhdxMap {
         Ok(f(p))
     }
 
-    pub(super) fn read_entry(&self, idx: u64) -> Result<u64> {
+    pub(super) fn read_entry(&self, idx: u64) -> Result<BatEntry> {
         let pos = self.geo.entry_pos(idx);
         let page = pos & !(PAGE_SIZE - 1);
-        self.with_page(page, |p| le64(p, (pos - page) as usize))
+        self.with_page(page, |p| BatEntry(le64(p, (pos - page) as usize)))
     }
 
-    pub(super) fn write_entry(&self, st: &mut State, idx: u64, e: u64) -> Result<()> {
+    pub(super) fn write_entry(&self, st: &mut State, idx: u64, e: BatEntry) -> Result<()> {
         let pos = self.geo.entry_pos(idx);
         let page = pos & !(PAGE_SIZE - 1);
         let at = (pos - page) as usize;
         self.page_mut(st, page, |p| {
-            p[at..at + 8].copy_from_slice(&e.to_le_bytes())
+            p[at..at + 8].copy_from_slice(&e.0.to_le_bytes())
         })
+    }
+
+    fn invalid_state(&self, idx: u64, e: BatEntry) -> Error {
+        Error::corrupt(format!(
+            "VHDX BAT entry {idx} has invalid state {}",
+            e.state()
+        ))
+        .at(self.geo.entry_pos(idx))
     }
 
     /// The host offset a BAT entry names, refused when it points into the header section or
     /// a metadata region.
-    pub(super) fn checked_offset(&self, idx: u64, e: u64, len: u64) -> Result<u64> {
-        let host = bat::offset(e);
+    pub(super) fn checked_offset(&self, idx: u64, e: BatEntry, len: u64) -> Result<u64> {
+        let host = e.offset();
         let bad = host < MIB
             || host.checked_add(len).is_none()
             || self.regions.bat.overlaps(host, len)
@@ -505,15 +513,15 @@ impl BlockMap for VhdxMap {
         let (block, inb, n) = self.locate(off, len);
         let idx = self.geo.payload_index(block);
         let e = self.read_entry(idx)?;
-        match bat::state(e) {
-            bat::FULLY_PRESENT => {
+        match e.payload_state() {
+            Payload::FullyPresent => {
                 let host = self.checked_offset(idx, e, self.geo.block_size)?;
                 Ok(Extent::Data {
                     host: host + inb,
                     len: n,
                 })
             }
-            bat::PARTIALLY_PRESENT if self.geo.has_parent => {
+            Payload::PartiallyPresent if self.geo.has_parent => {
                 let host = self.checked_offset(idx, e, self.geo.block_size)?;
                 let bm = self.bitmap_block(block)?.ok_or_else(|| {
                     Error::corrupt(format!(
@@ -531,16 +539,13 @@ impl BlockMap for VhdxMap {
                     Extent::Backing { len: run }
                 })
             }
-            bat::NOT_PRESENT | bat::UNDEFINED if self.geo.has_parent => {
+            Payload::NotPresent | Payload::Undefined if self.geo.has_parent => {
                 Ok(Extent::Backing { len: n })
             }
-            bat::NOT_PRESENT | bat::UNDEFINED | bat::ZERO | bat::UNMAPPED => {
+            Payload::NotPresent | Payload::Undefined | Payload::Zero | Payload::Unmapped => {
                 Ok(Extent::Zero { len: n })
             }
-            s => Err(
-                Error::corrupt(format!("VHDX BAT entry {idx} has invalid state {s}"))
-                    .at(self.geo.entry_pos(idx)),
-            ),
+            Payload::PartiallyPresent | Payload::Reserved(_) => Err(self.invalid_state(idx, e)),
         }
     }
 
@@ -551,7 +556,7 @@ impl BlockMap for VhdxMap {
         if self.writing.load(Ordering::SeqCst) {
             // A fully present block is written in place: no allocation, no lock.
             let e = self.read_entry(idx)?;
-            if bat::state(e) == bat::FULLY_PRESENT {
+            if e.payload_state() == Payload::FullyPresent {
                 return Ok(Extent::Data {
                     host: self.checked_offset(idx, e, bs)? + inb,
                     len: n,
@@ -562,14 +567,14 @@ impl BlockMap for VhdxMap {
         self.begin_write(&mut st)?;
         self.make_room(&mut st)?;
         let e = self.read_entry(idx)?;
-        let state = bat::state(e);
+        let state = e.payload_state();
         let data = |host: u64| Extent::Data {
             host: host + inb,
             len: n,
         };
         match state {
-            bat::FULLY_PRESENT => return Ok(data(self.checked_offset(idx, e, bs)?)),
-            bat::PARTIALLY_PRESENT if self.geo.has_parent => {
+            Payload::FullyPresent => return Ok(data(self.checked_offset(idx, e, bs)?)),
+            Payload::PartiallyPresent if self.geo.has_parent => {
                 let host = self.checked_offset(idx, e, bs)?;
                 let bm = self.bitmap_block(block)?.ok_or_else(|| {
                     Error::corrupt("VHDX partially present block without a sector bitmap")
@@ -578,15 +583,13 @@ impl BlockMap for VhdxMap {
                 self.write_partial(&mut st, bm, block, host, inb, n, below)?;
                 return Ok(data(host));
             }
-            bat::NOT_PRESENT | bat::UNDEFINED | bat::ZERO | bat::UNMAPPED => {}
-            s => {
-                return Err(
-                    Error::corrupt(format!("VHDX BAT entry {idx} has invalid state {s}"))
-                        .at(self.geo.entry_pos(idx)),
-                )
+            Payload::NotPresent | Payload::Undefined | Payload::Zero | Payload::Unmapped => {}
+            Payload::PartiallyPresent | Payload::Reserved(_) => {
+                return Err(self.invalid_state(idx, e))
             }
         }
-        let from_parent = self.geo.has_parent && matches!(state, bat::NOT_PRESENT | bat::UNDEFINED);
+        let from_parent =
+            self.geo.has_parent && matches!(state, Payload::NotPresent | Payload::Undefined);
         if from_parent && !(inb == 0 && n == bs) {
             // New partially present block: only the written sectors come from this image.
             let bm = match self.bitmap_block(block)? {
@@ -594,20 +597,21 @@ impl BlockMap for VhdxMap {
                 None => {
                     let b = self.alloc_fresh(&mut st, MIB);
                     let bidx = self.geo.bitmap_index(block / self.geo.chunk_ratio);
-                    self.write_entry(&mut st, bidx, bat::entry(bat::SB_PRESENT, b))?;
+                    self.write_entry(&mut st, bidx, BatEntry::bitmap(b))?;
                     b
                 }
             };
             let (host, _) = self.alloc(&mut st);
             self.clear_block_bits(&mut st, bm, block)?;
-            self.write_entry(&mut st, idx, bat::entry(bat::PARTIALLY_PRESENT, host))?;
+            let ne = BatEntry::payload(Payload::PartiallyPresent, host);
+            self.write_entry(&mut st, idx, ne)?;
             self.write_partial(&mut st, bm, block, host, inb, n, below)?;
             return Ok(data(host));
         }
         // Fully present block whose unwritten rest reads as zeros.
-        let reuse = bat::offset(e) != 0 && self.checked_offset(idx, e, bs).is_ok();
+        let reuse = e.offset() != 0 && self.checked_offset(idx, e, bs).is_ok();
         let (host, fresh) = if reuse {
-            (bat::offset(e), false)
+            (e.offset(), false)
         } else {
             self.alloc(&mut st)
         };
@@ -619,7 +623,8 @@ impl BlockMap for VhdxMap {
                 self.file.punch_hole(host, bs)?;
             }
         }
-        self.write_entry(&mut st, idx, bat::entry(bat::FULLY_PRESENT, host))?;
+        let ne = BatEntry::payload(Payload::FullyPresent, host);
+        self.write_entry(&mut st, idx, ne)?;
         Ok(data(host))
     }
 
@@ -634,16 +639,16 @@ impl BlockMap for VhdxMap {
             self.make_room(&mut st)?;
             let idx = self.geo.payload_index(block);
             let e = self.read_entry(idx)?;
-            let host = bat::offset(e);
+            let host = e.offset();
             let keep = host != 0 && self.checked_offset(idx, e, bs).is_ok();
             let free = keep && unmap && !self.meta.leave_blocks_allocated;
             let new = if free {
                 st.pending_free.push(host);
-                bat::entry(bat::ZERO, 0)
+                BatEntry::payload(Payload::Zero, 0)
             } else if keep {
-                bat::entry(bat::ZERO, host)
+                BatEntry::payload(Payload::Zero, host)
             } else {
-                bat::entry(bat::ZERO, 0)
+                BatEntry::payload(Payload::Zero, 0)
             };
             if new != e {
                 self.write_entry(&mut st, idx, new)?;

@@ -11,7 +11,7 @@
 //! The BAT region is not moved: a size needing more entries than it holds is refused with the
 //! largest size it allows.
 
-use super::bat::PAGE_SIZE;
+use super::bat::{BatEntry, PAGE_SIZE};
 use super::map::VhdxMap;
 use super::metadata::{MAX_VIRTUAL_SIZE, TABLE_SIZE, VIRTUAL_DISK_SIZE};
 use crate::error::{Error, ErrorKind, Result};
@@ -86,8 +86,8 @@ impl VhdxMap {
         self.flush_locked(&mut st)?;
         let (first, end) = (self.bat_entries_for(old), self.bat_entries_for(new_size));
         for idx in first..end {
-            if self.read_entry(idx)? != 0 {
-                self.write_entry(&mut st, idx, 0)?;
+            if self.read_entry(idx)? != BatEntry(0) {
+                self.write_entry(&mut st, idx, BatEntry(0))?;
             }
         }
         if !self.dirty.read().is_empty() {
