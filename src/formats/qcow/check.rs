@@ -26,6 +26,13 @@ pub fn check(file: &HostFile, h: &Header, repair: Repair) -> Result<CheckReport>
         .collect();
     let mut l1_changed = false;
     let mut seen = HashSet::new();
+    let scan = Scan {
+        file,
+        h,
+        file_len,
+        meta,
+        fix,
+    };
     for (i, l2_off) in l1.iter_mut().enumerate() {
         if *l2_off == 0 {
             continue;
@@ -47,7 +54,7 @@ pub fn check(file: &HostFile, h: &Header, repair: Repair) -> Result<CheckReport>
             }
             continue;
         }
-        check_l2(file, h, *l2_off, file_len, meta, fix, &mut seen, &mut r)?;
+        check_l2(&scan, *l2_off, &mut seen, &mut r)?;
     }
     if fix && l1_changed {
         file.sync()?;
@@ -82,17 +89,25 @@ impl MetaRanges {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn check_l2(
-    file: &HostFile,
-    h: &Header,
-    l2_off: u64,
+/// What every L2 table of one check is judged against.
+#[derive(Clone, Copy)]
+struct Scan<'a> {
+    file: &'a HostFile,
+    h: &'a Header,
     file_len: u64,
     meta: MetaRanges,
+    /// Clear bad entries (repair).
     fix: bool,
-    seen: &mut HashSet<u64>,
-    r: &mut CheckReport,
-) -> Result<()> {
+}
+
+fn check_l2(scan: &Scan, l2_off: u64, seen: &mut HashSet<u64>, r: &mut CheckReport) -> Result<()> {
+    let Scan {
+        file,
+        h,
+        file_len,
+        meta,
+        fix,
+    } = *scan;
     let cs = h.cluster_size();
     let mut t = vec![0u8; h.l2_bytes() as usize];
     file.read_exact_at(&mut t, l2_off)?;

@@ -20,6 +20,25 @@ use crate::format::{write_fill, Fill};
 use crate::format::{Below, Extent};
 use std::sync::atomic::Ordering;
 
+/// The cluster one `map_write` writes into: its L2 slot, the entry (and bitmap) found there
+/// under the allocation lock, and what is written.
+#[derive(Clone, Copy)]
+struct Slot<'p> {
+    l2_off: u64,
+    l2_index: u64,
+    e: L2Entry,
+    b: Subclusters,
+    /// Guest offset of the cluster.
+    guest: u64,
+    /// Offset of the write in the cluster, and its bytes in this cluster.
+    in_c: u64,
+    n: u64,
+    /// Bytes of the whole request (it may go on in the following clusters).
+    len: u64,
+    /// The old contents, read before the allocation lock for this very entry.
+    pre: Option<&'p [u8]>,
+}
+
 enum Src<'a> {
     Below,
     Zeros,
@@ -248,8 +267,19 @@ pub fn map_write(map: &Qcow2Map, off: u64, len: u64, below: &dyn Below) -> Resul
     // What was read before the lock, if the entry is still the one it was read for.
     let pre = pre.filter(|(pe, _)| *pe == e).map(|(_, bytes)| bytes);
     let guest = cluster << g.cluster_bits;
+    let slot = Slot {
+        l2_off,
+        l2_index,
+        e,
+        b,
+        guest,
+        in_c,
+        n,
+        len,
+        pre: pre.as_deref(),
+    };
     if g.ext_l2 && !e.compressed() {
-        return write_ext(map, a, below, (l2_off, l2_index), (e, b), guest, in_c, n);
+        return write_ext(map, a, below, &slot);
     }
     let host = e.host();
     let compressed = e.compressed();
@@ -280,19 +310,7 @@ pub fn map_write(map: &Qcow2Map, off: u64, len: u64, below: &dyn Below) -> Resul
     let new = alloc_data_n(map, a, guest, count)?;
     let known_zero = new >= map.m.data.len()?;
     if count > 1 {
-        return write_fresh_run(
-            map,
-            a,
-            below,
-            (l2_off, l2_index),
-            (e, pre.as_deref()),
-            new,
-            guest,
-            in_c,
-            len,
-            count,
-            known_zero,
-        );
+        return write_fresh_run(map, a, below, &slot, new, count, known_zero);
     }
     let old;
     let src = if let Some(bytes) = &pre {
@@ -411,20 +429,25 @@ fn cow_source(
 /// A write over `count` guest clusters that got contiguous host clusters at `new`: the first
 /// may hold data (filled from its source), the others hold none (the last one's tail is filled
 /// from below or zeros).
-#[allow(clippy::too_many_arguments)]
 fn write_fresh_run(
     map: &Qcow2Map,
     a: &mut Alloc,
     below: &dyn Below,
-    (l2_off, l2_index): (u64, u64),
-    (first, pre): (L2Entry, Option<&[u8]>),
+    slot: &Slot,
     new: u64,
-    guest: u64,
-    in_c: u64,
-    len: u64,
     count: u64,
     known_zero: bool,
 ) -> Result<Extent> {
+    let Slot {
+        l2_off,
+        l2_index,
+        e: first,
+        guest,
+        in_c,
+        len,
+        pre,
+        ..
+    } = *slot;
     let g = &map.m.geo;
     let cs = g.cs;
     let run = (count * cs - in_c).min(len);
@@ -509,17 +532,17 @@ fn extend_in_place(
 }
 
 /// A write into a standard cluster with extended L2 entries: allocate per subcluster.
-#[allow(clippy::too_many_arguments)]
-fn write_ext(
-    map: &Qcow2Map,
-    a: &mut Alloc,
-    below: &dyn Below,
-    (l2_off, l2_index): (u64, u64),
-    (e, b): (L2Entry, Subclusters),
-    guest: u64,
-    in_c: u64,
-    n: u64,
-) -> Result<Extent> {
+fn write_ext(map: &Qcow2Map, a: &mut Alloc, below: &dyn Below, slot: &Slot) -> Result<Extent> {
+    let Slot {
+        l2_off,
+        l2_index,
+        e,
+        b,
+        guest,
+        in_c,
+        n,
+        ..
+    } = *slot;
     let g = &map.m.geo;
     let host = e.host();
     let has_host = e.has_host(g.external);
