@@ -56,7 +56,7 @@ fn create_qcow2_option_space_passes_qemu_check_and_shows_geometry() {
     ];
     for (i, &(opts, cluster, compat, lazy, rbits, ext)) in cases.iter().enumerate() {
         let make = |name: String| {
-            TestImage::new(t.path(), &name, "qcow2")
+            TestImage::build(t.path(), &name, "qcow2")
                 .opts(opts)
                 .size("1000M")
         };
@@ -90,7 +90,7 @@ fn create_with_backing_takes_its_size_and_refuses_bad_input() {
     let t = tmpdir();
     let base = t.path().join("base.qcow2");
     let over = t.path().join("over.qcow2");
-    TestImage::new_at(&base, "qcow2").size("77M").qemu();
+    TestImage::build_at(&base, "qcow2").size("77M").qemu();
     qemu_io("qcow2", &base, &["write -P 0x44 0 1M"]);
     let (code, _, err) = imgfs(&[
         "create",
@@ -152,7 +152,7 @@ fn check_and_repair_agree_with_qemu_img() {
     let t = tmpdir();
     let img = t.path().join("c.qcow2");
     let make = || {
-        TestImage::new_at(&img, "qcow2").size("16M").qemu();
+        TestImage::build_at(&img, "qcow2").size("16M").qemu();
         qemu_io("qcow2", &img, &["write -P 1 0 256k"]);
     };
     make();
@@ -205,7 +205,7 @@ fn info_and_snapshot_list_match_qemu() {
     let t = tmpdir();
     let base = t.path().join("b.qcow2");
     let img = t.path().join("i.qcow2");
-    TestImage::new_at(&base, "qcow2").size("10M").qemu();
+    TestImage::build_at(&base, "qcow2").size("10M").qemu();
     qcow2_overlay(&img, "b.qcow2");
     qemu_io("qcow2", &img, &["write 0 64k"]);
     qemu_img(&["snapshot", "-c", "first", img.to_str().unwrap()]);
@@ -255,7 +255,7 @@ fn create_other_formats_pass_qemu_and_check_agrees() {
         ("raw", "preallocation=falloc", "virtual-size"),
     ];
     for (i, &(fmt, opts, _)) in cases.iter().enumerate() {
-        let p = TestImage::new(t.path(), &format!("o{i}.{fmt}"), fmt)
+        let p = TestImage::build(t.path(), &format!("o{i}.{fmt}"), fmt)
             .opts(opts)
             .size("48M")
             .cli()
@@ -283,7 +283,7 @@ fn create_other_formats_pass_qemu_and_check_agrees() {
 #[test]
 fn vhdx_differencing_child_from_the_cli() {
     let t = tmpdir();
-    let parent = TestImage::new(t.path(), "parent.vhdx", "vhdx")
+    let parent = TestImage::build(t.path(), "parent.vhdx", "vhdx")
         .opt("block_size", "1M")
         .size("16M")
         .qemu();
@@ -340,7 +340,7 @@ fn printing_into_a_closed_pipe_ends_quietly() {
     use std::os::unix::process::ExitStatusExt;
     let t = tmpdir();
     let img = t.path().join("p.qcow2");
-    TestImage::new_at(&img, "qcow2").size("1G").qemu();
+    TestImage::build_at(&img, "qcow2").size("1G").qemu();
     let (reader, writer) = std::io::pipe().unwrap();
     drop(reader);
     let out = std::process::Command::new(IMGFS)

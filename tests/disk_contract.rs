@@ -19,7 +19,7 @@ fn sh(script: &str) {
 fn o_trunc_opens_leave_size_and_contents_alone() {
     let t = tmpdir();
     let img = t.path().join("disk.qcow2");
-    TestImage::new_at(&img, "qcow2").size("16M").qemu();
+    TestImage::build_at(&img, "qcow2").size("16M").qemu();
     let old = random_bytes(1, 16 << 20);
     let old_file = write_file(t.path(), "old.bin", &old);
     qemu_io(
@@ -156,7 +156,7 @@ fn containers_imgfs_cannot_serve_are_refused_unless_raw_is_asked_for() {
 
     // A directory mount skips them.
     let img = d.join("ok.qcow2");
-    TestImage::new_at(&img, "qcow2").size("1M").qemu();
+    TestImage::build_at(&img, "qcow2").size("1M").qemu();
     let m = Mount::new(&[d], &mnt, &["-r"]);
     let names = m.names();
     assert_eq!(names, ["ok.raw"], "{names:?}");
@@ -180,7 +180,7 @@ fn disk2vhd_like(
     name: &str,
     edit: impl Fn(&mut [u8]),
 ) -> (std::path::PathBuf, Vec<u8>) {
-    let t = TestImage::new(dir, name, "vhdx").size("64M").qemu();
+    let t = TestImage::build(dir, name, "vhdx").size("64M").qemu();
     t.write_random(5, 3 << 20, &[(1 << 20, 3 << 20)]);
     let (img, data) = (t.path, random_bytes(5, 3 << 20));
     let mut b = std::fs::read(&img).unwrap();

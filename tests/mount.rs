@@ -399,13 +399,13 @@ fn directory_of_qcow2_chain_exposes_only_the_top() {
     let base = d.join("base.qcow2");
     let top = d.join("top.qcow2");
     let other = d.join("other.qcow2");
-    TestImage::new_at(&base, "qcow2")
+    TestImage::build_at(&base, "qcow2")
         .size("8M")
         .qemu()
         .io(&["write -P 0x61 0 1M"]);
     qcow2_overlay(&top, "base.qcow2");
     qemu_io("qcow2", &top, &["write -P 0x62 512k 4k"]);
-    TestImage::new_at(&other, "qcow2").size("4M").qemu();
+    TestImage::build_at(&other, "qcow2").size("4M").qemu();
     let want = qemu_raw(&top);
     let base_before = std::fs::read(&base).unwrap();
     let m = Mount::new(&[&d], &t.path().join("mnt"), &[]);
@@ -433,7 +433,7 @@ fn small_discards_over_unallocated_space_allocate_nothing() {
         ("qcow2", "cluster_size=2M"),
         ("qed", "cluster_size=1M"),
     ] {
-        let img = TestImage::new(t.path(), &format!("d.{fmt}"), fmt)
+        let img = TestImage::build(t.path(), &format!("d.{fmt}"), fmt)
             .opts(opts)
             .size("256M")
             .qemu()

@@ -180,7 +180,7 @@ fn direct_io_opens_stay_coherent_with_buffered_readers_and_mmap() {
     use std::os::unix::io::AsRawFd;
     let t = tmpdir();
     let img = t.path().join("d.qcow2");
-    TestImage::new_at(&img, "qcow2").size("16M").qemu();
+    TestImage::build_at(&img, "qcow2").size("16M").qemu();
     let m = Mount::new(&[&img], &t.path().join("mnt"), &[]);
     let f = m.file("d.raw");
     let buffered = std::fs::File::open(&f).unwrap();
@@ -235,11 +235,11 @@ fn large_reads_mixing_data_zeros_backing_and_compressed_match_qemu() {
     let t = tmpdir();
     let base = t.path().join("base.qcow2");
     let img = t.path().join("top.qcow2");
-    TestImage::new_at(&base, "qcow2")
+    TestImage::build_at(&base, "qcow2")
         .size("8M")
         .qemu()
         .io(&["write -P 0x11 0 8M"]);
-    TestImage::new_at(&img, "qcow2")
+    TestImage::build_at(&img, "qcow2")
         .backing(base.to_str().unwrap(), Some("qcow2"))
         .size("8M")
         .qemu()

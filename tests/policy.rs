@@ -13,11 +13,11 @@ fn backing_names_must_be_local_and_inside_the_image_directory() {
     std::fs::create_dir_all(&outside).unwrap();
     std::fs::create_dir_all(&inside).unwrap();
     let base = outside.join("base.qcow2");
-    TestImage::new_at(&base, "qcow2")
+    TestImage::build_at(&base, "qcow2")
         .size("4M")
         .qemu()
         .io(&["write -P 0x42 0 64k"]);
-    let top = TestImage::new(&inside, "top.qcow2", "qcow2")
+    let top = TestImage::build(&inside, "top.qcow2", "qcow2")
         .backing("../outside/base.qcow2", Some("qcow2"))
         .unchecked()
         .size("4M")
@@ -37,7 +37,7 @@ fn backing_names_must_be_local_and_inside_the_image_directory() {
         "json:{\"driver\":\"file\",\"filename\":\"/etc/passwd\"}",
         "nbd://127.0.0.1/x",
     ] {
-        let evil = TestImage::new(&inside, "evil.qcow2", "qcow2")
+        let evil = TestImage::build(&inside, "evil.qcow2", "qcow2")
             .backing(name, Some("raw"))
             .unchecked()
             .size("4M")
@@ -54,10 +54,10 @@ fn backing_names_must_be_local_and_inside_the_image_directory() {
 fn backing_chains_have_a_depth_limit() {
     let t = tmpdir();
     let mut prev = t.path().join("c0.qcow2");
-    TestImage::new_at(&prev, "qcow2").size("1M").qemu();
+    TestImage::build_at(&prev, "qcow2").size("1M").qemu();
     for i in 1..=20 {
         let b = prev.file_name().unwrap().to_str().unwrap().to_string();
-        prev = TestImage::new(t.path(), &format!("c{i}.qcow2"), "qcow2")
+        prev = TestImage::build(t.path(), &format!("c{i}.qcow2"), "qcow2")
             .backing(&b, Some("qcow2"))
             .qemu()
             .path;
@@ -108,7 +108,7 @@ fn encrypted_images_are_refused_clearly() {
 fn read_only_mounts_never_write_even_images_that_need_repair() {
     let t = tmpdir();
     // A lazy-refcounts qcow2 left dirty by a killed qemu-io, and a QED image with need-check set.
-    let q = TestImage::new(t.path(), "dirty.qcow2", "qcow2")
+    let q = TestImage::build(t.path(), "dirty.qcow2", "qcow2")
         .opt("lazy_refcounts", "on")
         .size("8M")
         .qemu()
@@ -129,7 +129,9 @@ fn read_only_mounts_never_write_even_images_that_need_repair() {
         !out.status.success(),
         "qemu-io abort leaves the image dirty"
     );
-    let d = TestImage::new(t.path(), "nc.qed", "qed").size("8M").qemu();
+    let d = TestImage::build(t.path(), "nc.qed", "qed")
+        .size("8M")
+        .qemu();
     d.io(&["write -P 0x18 0 64k"]);
     let d = d.path;
     {

@@ -57,7 +57,7 @@ fn powercut_with(fmt: &str, resize_pct: u64, total: u64) {
     let per = total.div_ceil(vs.len() as u64);
     let (mut survived, mut checked, mut leaky, mut resizes) = (0, 0, 0, 0);
     for (vi, (opts, size)) in vs.iter().enumerate() {
-        let img = TestImage::new(t.path(), &format!("v{vi}.{fmt}"), fmt)
+        let img = TestImage::build(t.path(), &format!("v{vi}.{fmt}"), fmt)
             .opts(opts)
             .size(size)
             .qemu()

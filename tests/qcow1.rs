@@ -69,7 +69,7 @@ const WRITES: &[(u64, usize, u64)] = &[
 #[test]
 fn plain_images_read_and_write() {
     let dir = tmpdir();
-    let t = TestImage::new(dir.path(), "a.qcow", "qcow")
+    let t = TestImage::build(dir.path(), "a.qcow", "qcow")
         .size("8M")
         .qemu();
     t.write_random(
@@ -101,7 +101,7 @@ fn backing_file_reads_and_cow() {
     let dir = tmpdir();
     let base = dir.path().join("base.raw");
     std::fs::write(&base, random_bytes(3, 8 * MIB as usize)).unwrap();
-    let t = TestImage::new(dir.path(), "o.qcow", "qcow")
+    let t = TestImage::build(dir.path(), "o.qcow", "qcow")
         .backing("base.raw", Some("raw"))
         .qemu();
     t.io(&["write -P 9 1M 4k", "write -P 8 2000 3000"]);
@@ -166,7 +166,7 @@ fn compressed_clusters_read_and_copy_out() {
 #[test]
 fn hostile_headers_are_errors() {
     let dir = tmpdir();
-    let bytes = TestImage::new(dir.path(), "good.qcow", "qcow")
+    let bytes = TestImage::build(dir.path(), "good.qcow", "qcow")
         .size("8M")
         .qemu()
         .bytes();
@@ -205,7 +205,7 @@ fn hostile_headers_are_errors() {
         assert!(e.to_string().contains(needle), "case {i}: {e}");
     }
     // A qcow2 image is not probed as qcow.
-    let head = TestImage::new(dir.path(), "x.qcow2", "qcow2")
+    let head = TestImage::build(dir.path(), "x.qcow2", "qcow2")
         .size("1M")
         .qemu()
         .bytes();
@@ -232,7 +232,7 @@ fn created_images_work_with_qemu() {
     let base = dir.path().join("b.raw");
     std::fs::write(&base, random_bytes(5, 8 * MIB as usize)).unwrap();
     for (i, backing) in [false, true].into_iter().enumerate() {
-        let mut spec = TestImage::new(dir.path(), &format!("c{i}.qcow"), "qcow").size(8 * MIB);
+        let mut spec = TestImage::build(dir.path(), &format!("c{i}.qcow"), "qcow").size(8 * MIB);
         if backing {
             spec = spec.backing("b.raw", Some("raw"));
         }
@@ -254,7 +254,7 @@ fn created_images_work_with_qemu() {
 #[test]
 fn crash_safety() {
     let dir = tmpdir();
-    let t = TestImage::new(dir.path(), "crash.qcow", "qcow")
+    let t = TestImage::build(dir.path(), "crash.qcow", "qcow")
         .size("2M")
         .qemu();
     t.write_random(1, 65536, &[(512 << 10, 65536)]);
@@ -275,7 +275,7 @@ fn crash_safety_over_backing() {
     let dir = tmpdir();
     let base = dir.path().join("base.raw");
     std::fs::write(&base, random_bytes(78, 2 * MIB as usize)).unwrap();
-    let t = TestImage::new(dir.path(), "over.qcow", "qcow")
+    let t = TestImage::build(dir.path(), "over.qcow", "qcow")
         .backing("base.raw", Some("raw"))
         .size("2M")
         .qemu();
@@ -325,7 +325,7 @@ fn crash_safety_with_evictions() {
     let size = 16 * MIB as usize;
     let base = dir.path().join("base.raw");
     std::fs::write(&base, random_bytes(321, size)).unwrap();
-    let t = TestImage::new(dir.path(), "ev.qcow", "qcow")
+    let t = TestImage::build(dir.path(), "ev.qcow", "qcow")
         .backing("base.raw", Some("raw"))
         .qemu();
     let work = eviction_workload();
@@ -386,7 +386,7 @@ fn check_finds_and_repairs_bad_entries() {
 #[test]
 fn odd_size() {
     let dir = tmpdir();
-    let t = TestImage::new(dir.path(), "odd.qcow", "qcow")
+    let t = TestImage::build(dir.path(), "odd.qcow", "qcow")
         .size(5243392) // 5 MiB + 512
         .qemu();
     let img = t.path.clone();

@@ -19,7 +19,7 @@ fn open(p: &Path, read_only: bool) -> Image {
 
 /// `qemu-img create -f qcow2 -o OPTS img SIZE`.
 fn create(dir: &Path, name: &str, opts: &str, size: &str) -> PathBuf {
-    let t = TestImage::new(dir, name, "qcow2").opts(opts).size(size);
+    let t = TestImage::build(dir, name, "qcow2").opts(opts).size(size);
     t.qemu().path
 }
 
@@ -152,13 +152,13 @@ fn backing_chains() {
     let d = tmpdir();
     let base = d.path().join("base.raw");
     std::fs::write(&base, random_bytes(1, 3 << 20)).unwrap();
-    let mid = TestImage::new(d.path(), "mid.qcow2", "qcow2")
+    let mid = TestImage::build(d.path(), "mid.qcow2", "qcow2")
         .opt("cluster_size", 4096)
         .backing("base.raw", Some("raw"))
         .qemu()
         .path;
     populate(d.path(), &mid, 4096, 7);
-    let top = TestImage::new(d.path(), "top.qcow2", "qcow2")
+    let top = TestImage::build(d.path(), "top.qcow2", "qcow2")
         .opt("cluster_size", 65536)
         .backing("mid.qcow2", Some("qcow2"))
         .size("4M")
@@ -193,7 +193,7 @@ fn v2_over_backing_writes_zero_bytes() {
     let d = tmpdir();
     let base = d.path().join("b.raw");
     std::fs::write(&base, random_bytes(9, 1 << 20)).unwrap();
-    let p = TestImage::new(d.path(), "v2.qcow2", "qcow2")
+    let p = TestImage::build(d.path(), "v2.qcow2", "qcow2")
         .opts("compat=0.10,cluster_size=4096")
         .backing("b.raw", Some("raw"))
         .qemu()
@@ -320,7 +320,7 @@ fn check_reports_and_repairs_leaks() {
 #[test]
 fn create_makes_images_qemu_accepts() {
     let d = tmpdir();
-    TestImage::new(d.path(), "base.qcow2", "qcow2")
+    TestImage::build(d.path(), "base.qcow2", "qcow2")
         .size("3M")
         .qemu();
     let cases: &[&[(&str, &str)]] = &[
@@ -351,7 +351,7 @@ fn create_makes_images_qemu_accepts() {
     for (i, opts) in cases.iter().enumerate() {
         for with_backing in [false, true] {
             let name = format!("new{i}{with_backing}.qcow2");
-            let mut spec = TestImage::new(d.path(), &name, "qcow2").size(5 << 20);
+            let mut spec = TestImage::build(d.path(), &name, "qcow2").size(5 << 20);
             for (k, v) in opts.iter() {
                 spec = spec.opt(k, v);
             }
@@ -395,7 +395,7 @@ fn external_data_file() {
         // QEMU resolves a relative data_file name against its working directory.
         let data = d.path().join(format!("ext{raw}.data"));
         let data = data.to_str().unwrap();
-        TestImage::new(d.path(), &format!("ext{raw}.qcow2"), "qcow2")
+        TestImage::build(d.path(), &format!("ext{raw}.qcow2"), "qcow2")
             .opts(&format!(
                 "data_file={data},data_file_raw={raw},cluster_size=4096"
             ))
@@ -793,7 +793,7 @@ fn extended_l2_subclusters_over_backing() {
     // unallocated subclusters show the backing file.
     let d = tmpdir();
     std::fs::write(d.path().join("base.raw"), random_bytes(21, 2 << 20)).unwrap();
-    let p = TestImage::new(d.path(), "sub.qcow2", "qcow2")
+    let p = TestImage::build(d.path(), "sub.qcow2", "qcow2")
         .opts("cluster_size=32768,extended_l2=on")
         .backing("base.raw", Some("raw"))
         .size("2M")

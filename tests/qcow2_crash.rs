@@ -16,7 +16,7 @@ fn crash_series(
     work: &Workload,
 ) {
     let d = tmpdir();
-    let mut spec = TestImage::new(d.path(), "crash.qcow2", "qcow2")
+    let mut spec = TestImage::build(d.path(), "crash.qcow2", "qcow2")
         .opts(opts)
         .size(size);
     if backing {
@@ -116,7 +116,7 @@ fn crash_with_tiny_cache_evictions() {
     use imgfs::host::{FaultFile, SplitMix64};
     use imgfs::{Image, OpenOpts};
     let d = tmpdir();
-    let t = TestImage::new(d.path(), "tiny.qcow2", "qcow2")
+    let t = TestImage::build(d.path(), "tiny.qcow2", "qcow2")
         .opt("cluster_size", 512)
         .size("2M")
         .qemu();
@@ -183,7 +183,7 @@ fn crash_starting_from_a_dirty_image() {
     // A lazy-refcounts image left dirty by a killed qemu-io: the read-write open rebuilds the
     // refcounts first; cuts during and after that must still leave a usable image.
     let d = tmpdir();
-    let t = TestImage::new(d.path(), "dirty.qcow2", "qcow2")
+    let t = TestImage::build(d.path(), "dirty.qcow2", "qcow2")
         .opts("cluster_size=4096,lazy_refcounts=on")
         .size("2M")
         .qemu();

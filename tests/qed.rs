@@ -23,7 +23,7 @@ fn p(path: &Path) -> &str {
 
 /// An 8 MiB QED image with random data, zero clusters and discards, made by QEMU.
 fn make_filled(dir: &Path, name: &str, cluster: u64, table: u32, seed: u64) -> std::path::PathBuf {
-    let t = TestImage::new(dir, name, "qed")
+    let t = TestImage::build(dir, name, "qed")
         .opt("cluster_size", cluster)
         .opt("table_size", table)
         .size("8M")
@@ -155,7 +155,7 @@ fn backing_file_cow_and_zero_clusters() {
     let dir = tmpdir();
     let base = dir.path().join("base.raw");
     std::fs::write(&base, random_bytes(99, 8 * MIB as usize)).unwrap();
-    let t = TestImage::new(dir.path(), "over.qed", "qed")
+    let t = TestImage::build(dir.path(), "over.qed", "qed")
         .opt("cluster_size", 65536)
         .backing("base.raw", Some("raw"))
         .qemu();
@@ -215,7 +215,7 @@ fn created_images_pass_qemu_check() {
     .into_iter()
     .enumerate()
     {
-        let mut spec = TestImage::new(dir.path(), &format!("c{i}.qed"), "qed")
+        let mut spec = TestImage::build(dir.path(), &format!("c{i}.qed"), "qed")
             .opts(opts)
             .size(8 * MIB);
         if backing {
@@ -235,7 +235,7 @@ fn created_images_pass_qemu_check() {
         write_and_verify(&img, &mut want, WRITES, true);
     }
     // Bad options are refused.
-    let bad = TestImage::new(dir.path(), "bad.qed", "qed");
+    let bad = TestImage::build(dir.path(), "bad.qed", "qed");
     for (k, v) in [
         ("cluster_size", "3000"),
         ("table_size", "3"),
@@ -318,7 +318,7 @@ fn need_check_is_repaired() {
 #[test]
 fn hostile_headers_are_errors() {
     let dir = tmpdir();
-    let bytes = TestImage::new(dir.path(), "good.qed", "qed")
+    let bytes = TestImage::build(dir.path(), "good.qed", "qed")
         .size("8M")
         .qemu()
         .bytes();
@@ -367,7 +367,7 @@ fn hostile_headers_are_errors() {
 #[test]
 fn evictions_keep_tables_consistent() {
     let dir = tmpdir();
-    let img = TestImage::new(dir.path(), "e.qed", "qed")
+    let img = TestImage::build(dir.path(), "e.qed", "qed")
         .opts("cluster_size=4096,table_size=2")
         .size("32M")
         .qemu()
@@ -397,7 +397,7 @@ fn evictions_keep_tables_consistent() {
 #[test]
 fn concurrent_writers() {
     let dir = tmpdir();
-    let img = TestImage::new(dir.path(), "t.qed", "qed")
+    let img = TestImage::build(dir.path(), "t.qed", "qed")
         .opt("cluster_size", 4096)
         .size("8M")
         .qemu()
@@ -435,12 +435,12 @@ fn backing_chain_of_qed() {
     let dir = tmpdir();
     let base = dir.path().join("base.raw");
     std::fs::write(&base, random_bytes(42, 4 * MIB as usize)).unwrap();
-    TestImage::new(dir.path(), "mid.qed", "qed")
+    TestImage::build(dir.path(), "mid.qed", "qed")
         .backing("base.raw", Some("raw"))
         .size("6M")
         .qemu()
         .io(&["write -P 1 1M 64k", "write -z 2M 64k"]);
-    let top = TestImage::new(dir.path(), "top.qed", "qed")
+    let top = TestImage::build(dir.path(), "top.qed", "qed")
         .backing("mid.qed", Some("qed"))
         .size("8M")
         .qemu();
@@ -469,7 +469,7 @@ fn backing_chain_of_qed() {
 #[test]
 fn garbage_tables_never_panic() {
     let dir = tmpdir();
-    let t = TestImage::new(dir.path(), "g.qed", "qed")
+    let t = TestImage::build(dir.path(), "g.qed", "qed")
         .opts("cluster_size=4096,table_size=2")
         .size("8M")
         .qemu();
@@ -527,7 +527,7 @@ fn odd_sizes_and_short_backing() {
     let dir = tmpdir();
     let base = dir.path().join("short.raw");
     std::fs::write(&base, random_bytes(8, 3 * MIB as usize + 1000)).unwrap();
-    let img = TestImage::new(dir.path(), "odd.qed", "qed")
+    let img = TestImage::build(dir.path(), "odd.qed", "qed")
         .opt("cluster_size", 65536)
         .backing("short.raw", Some("raw"))
         .size(5243392) // 5 MiB + 512

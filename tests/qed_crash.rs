@@ -12,7 +12,7 @@ const MIB: u64 = 1 << 20;
 /// (byte-wise model in a debug build), so the images are small.
 fn crash_many(cluster: &str, size: &str, prefill: bool, seeds: std::ops::Range<u64>, every: u64) {
     let dir = tmpdir();
-    let t = TestImage::new(dir.path(), &format!("crash-{cluster}.qed"), "qed")
+    let t = TestImage::build(dir.path(), &format!("crash-{cluster}.qed"), "qed")
         .opt("cluster_size", cluster)
         .opt("table_size", 2)
         .size(size)
@@ -51,7 +51,7 @@ fn crash_safety_over_backing() {
     let dir = tmpdir();
     let base = dir.path().join("base.raw");
     std::fs::write(&base, random_bytes(77, 2 * MIB as usize)).unwrap();
-    let t = TestImage::new(dir.path(), "over.qed", "qed")
+    let t = TestImage::build(dir.path(), "over.qed", "qed")
         .opt("cluster_size", 65536)
         .backing("base.raw", Some("raw"))
         .size("2M")
@@ -76,7 +76,7 @@ fn crash_safety_with_evictions() {
     let size = 16 * MIB as usize;
     let base = dir.path().join("base.raw");
     std::fs::write(&base, random_bytes(123, size)).unwrap();
-    let t = TestImage::new(dir.path(), "ev.qed", "qed")
+    let t = TestImage::build(dir.path(), "ev.qed", "qed")
         .opts("cluster_size=4096,table_size=2")
         .backing("base.raw", Some("raw"))
         .qemu();

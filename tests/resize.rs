@@ -20,7 +20,7 @@ fn check_if_checkable(fmt: &str, img: &Path) {
 }
 
 fn create(fmt: &str, opts: &str, img: &Path, size: &str) {
-    TestImage::new_at(img, fmt).opts(opts).size(size).qemu();
+    TestImage::build_at(img, fmt).opts(opts).size(size).qemu();
 }
 
 /// Apply a write to the expected bytes, growing them as the disk grows.
@@ -224,7 +224,7 @@ fn growing_over_a_longer_backing_file_reads_zeros() {
         let base = t.path().join("base.qcow2");
         create("qcow2", "", &base, "16M");
         qemu_io("qcow2", &base, &["write -P 0x77 0 16M"]);
-        let top = TestImage::new(t.path(), "top.qcow2", "qcow2")
+        let top = TestImage::build(t.path(), "top.qcow2", "qcow2")
             .opt("compat", compat)
             .backing("base.qcow2", Some("qcow2"))
             .size("4M")

@@ -23,7 +23,7 @@ fn open(p: &Path, read_only: bool) -> Image {
 
 /// `qemu-img create -f vhdx -o OPTS DIR/NAME SIZE`.
 fn qemu_create(dir: &Path, name: &str, opts: &str, size: u64) -> PathBuf {
-    let t = TestImage::new(dir, name, "vhdx").opts(opts).size(size);
+    let t = TestImage::build(dir, name, "vhdx").opts(opts).size(size);
     t.qemu().path
 }
 
@@ -140,7 +140,7 @@ fn engine_writes_pass_qemu_check_and_compare() {
 /// imgfs's create of `path` (size 0 with a backing file: the parent's size).
 fn create(path: &Path, size: u64, opts: &[(&str, &str)], backing: Option<&Path>) {
     let name = path.file_name().unwrap().to_str().unwrap();
-    let mut t = TestImage::new(path.parent().unwrap(), name, "vhdx");
+    let mut t = TestImage::build(path.parent().unwrap(), name, "vhdx");
     for (k, v) in opts {
         t = t.opt(k, v);
     }

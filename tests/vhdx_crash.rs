@@ -55,7 +55,7 @@ fn work() -> Workload {
 #[test]
 fn dynamic_image_survives_power_cuts() {
     let d = tmpdir();
-    let img = TestImage::new(d.path(), "base.vhdx", "vhdx")
+    let img = TestImage::build(d.path(), "base.vhdx", "vhdx")
         .opt("block_size", "1M")
         .size("6M")
         .qemu();
@@ -71,12 +71,12 @@ fn dynamic_image_survives_power_cuts() {
 #[test]
 fn differencing_child_survives_power_cuts() {
     let d = tmpdir();
-    let parent = TestImage::new(d.path(), "p.vhdx", "vhdx")
+    let parent = TestImage::build(d.path(), "p.vhdx", "vhdx")
         .opt("block_size", "1M")
         .size("2M")
         .qemu();
     parent.write_random(2, 2 << 20, &[(0, 2 << 20)]);
-    let child = TestImage::new(d.path(), "c.vhdx", "vhdx")
+    let child = TestImage::build(d.path(), "c.vhdx", "vhdx")
         .opt("block_size", "1M")
         .backing("p.vhdx", Some("vhdx"))
         .imgfs();

@@ -53,7 +53,7 @@ fn check_dirty_replay(dir: &Path, name: &str, dirty: &[u8], want: &[u8]) {
 #[test]
 fn single_entry_dirty_log_replays_like_qemu() {
     let d = tmpdir();
-    let img = TestImage::new(d.path(), "base.vhdx", "vhdx")
+    let img = TestImage::build(d.path(), "base.vhdx", "vhdx")
         .opts("block_size=1M")
         .size("8M")
         .qemu()
@@ -78,7 +78,7 @@ fn single_entry_dirty_log_replays_like_qemu() {
 fn wrapped_log_with_many_entries_replays_like_qemu() {
     let d = tmpdir();
     // 1 MiB log (256 sectors); 64 MiB disk in 1 MiB blocks; each flush logs 1-3 pages.
-    let img = TestImage::new(d.path(), "base.vhdx", "vhdx")
+    let img = TestImage::build(d.path(), "base.vhdx", "vhdx")
         .opts("block_size=1M,block_state_zero=off")
         .size("64M")
         .qemu()
@@ -109,7 +109,7 @@ fn wrapped_log_with_many_entries_replays_like_qemu() {
 fn check_reports_dirty_log_and_repair_replays_it() {
     use imgfs::image::Repair;
     let d = tmpdir();
-    let img = TestImage::new(d.path(), "c.vhdx", "vhdx")
+    let img = TestImage::build(d.path(), "c.vhdx", "vhdx")
         .opts("block_size=1M")
         .size("4M")
         .qemu()
@@ -154,7 +154,7 @@ fn check_reports_dirty_log_and_repair_replays_it() {
 fn huge_virtual_disk_opens_fast_with_bounded_memory() {
     let d = tmpdir();
     let size = 64u64 << 40;
-    let img = TestImage::new(d.path(), "huge.vhdx", "vhdx")
+    let img = TestImage::build(d.path(), "huge.vhdx", "vhdx")
         .opt("block_size", "1M")
         .size(size)
         .imgfs()
@@ -190,7 +190,7 @@ fn bench_allocating_writes_against_qemu() {
     let d = tmpdir();
     let n = 256u64;
     let mk = |name: &str| {
-        TestImage::new(d.path(), name, "vhdx")
+        TestImage::build(d.path(), name, "vhdx")
             .opt("block_size", "1M")
             .size(format!("{n}M"))
             .qemu()
@@ -294,7 +294,7 @@ fn logs_left_dirty_by_qemu_replay_like_qemu_check() {
         ],
     );
     for skip in [0u64, 2, 5] {
-        let img = TestImage::new(d.path(), &format!("q{skip}.vhdx"), "vhdx")
+        let img = TestImage::build(d.path(), &format!("q{skip}.vhdx"), "vhdx")
             .opts("block_size=1M")
             .size("12M")
             .qemu()

@@ -6,7 +6,7 @@ use super::{qemu_check, qemu_img, qemu_io, qemu_raw, random_bytes, write_file, M
 use imgfs::crashsim::{run_many, Workload};
 use std::path::{Path, PathBuf};
 
-/// An image to be made: see [`TestImage::new`].
+/// An image to be made: see [`TestImage::build`].
 #[must_use = "make the image with .qemu() or .imgfs()"]
 pub struct ImageSpec {
     path: PathBuf,
@@ -143,7 +143,7 @@ impl ImageSpec {
 
 impl TestImage {
     /// `NAME` in `dir`, of format `fmt`: describe it, then make it with `.qemu()` or `.imgfs()`.
-    pub fn new(dir: &Path, name: &str, fmt: &str) -> ImageSpec {
+    pub fn build(dir: &Path, name: &str, fmt: &str) -> ImageSpec {
         ImageSpec {
             path: dir.join(name),
             fmt: fmt.to_string(),
@@ -155,9 +155,9 @@ impl TestImage {
     }
 
     /// The image at `path` (its folder and name), of format `fmt`: describe it, then make it.
-    pub fn new_at(path: &Path, fmt: &str) -> ImageSpec {
+    pub fn build_at(path: &Path, fmt: &str) -> ImageSpec {
         let name = path.file_name().unwrap().to_str().unwrap();
-        TestImage::new(path.parent().unwrap(), name, fmt)
+        TestImage::build(path.parent().unwrap(), name, fmt)
     }
 
     /// An image that is already there.
