@@ -53,9 +53,17 @@ fn assert_reads(img: &Path, want: &[u8]) {
     assert_same(&qemu, want, &format!("QEMU's reading of {}", img.display()));
     let image = open(img, true);
     assert_eq!(image.backing().unwrap().format(), "vmdk");
-    assert_same(&engine_read_all(&image), &qemu, &format!("{}", img.display()));
+    assert_same(
+        &engine_read_all(&image),
+        &qemu,
+        &format!("{}", img.display()),
+    );
     // Unaligned, across grains and tables.
-    for (off, len) in [(16 * MIB - 7777, 20_001), (999, 70_001), (SIZE - 5000, 5000)] {
+    for (off, len) in [
+        (16 * MIB - 7777, 20_001),
+        (999, 70_001),
+        (SIZE - 5000, 5000),
+    ] {
         let mut buf = vec![0u8; len];
         image.read_at(&mut buf, off).unwrap();
         assert_same(&buf, &qemu[off as usize..off as usize + len], "unaligned");
@@ -266,13 +274,24 @@ fn hostile_esx_extents_are_refused_or_fail_their_range() {
     refused(&s, &sese, &put(&sese0, 512 + 24, &[1]), "dirty");
     refused(&s, &sese, &put(&sese0, 512, &[0]), "volatile header");
     // The delta claims fewer sectors than the descriptor gives it.
-    refused(&v, &cowd, &put(&cowd0, 12, &8u32.to_le_bytes()), "holds 8 sectors");
+    refused(
+        &v,
+        &cowd,
+        &put(&cowd0, 12, &8u32.to_le_bytes()),
+        "holds 8 sectors",
+    );
     // Bad directory and table entries fail their own range with EIO; the rest reads.
-    std::fs::write(&sese, put(&sese0, 16 * 512, &0x2000_0000_0000_0001u64.to_le_bytes()))
-        .unwrap();
+    std::fs::write(
+        &sese,
+        put(&sese0, 16 * 512, &0x2000_0000_0000_0001u64.to_le_bytes()),
+    )
+    .unwrap();
     let image = open(&s, true);
     let mut buf = vec![0u8; 4096];
-    assert_eq!(image.read_at(&mut buf, 0).unwrap_err().kind(), ErrorKind::Corrupt);
+    assert_eq!(
+        image.read_at(&mut buf, 0).unwrap_err().kind(),
+        ErrorKind::Corrupt
+    );
     image.read_at(&mut buf, 16 * MIB).unwrap();
     drop(image);
     let gt = 32 * 512 + 64 * 512; // the first directory entry's table (table 1 of 0..=1)
@@ -282,11 +301,17 @@ fn hostile_esx_extents_are_refused_or_fail_their_range() {
         let e = image.read_at(&mut buf, 0).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Corrupt, "{entry:#x}");
         image.read_at(&mut buf, 32 * MIB).unwrap();
-        assert!(!run(IMGFS, &["check", p(&s)]).status.success(), "{entry:#x}");
+        assert!(
+            !run(IMGFS, &["check", p(&s)]).status.success(),
+            "{entry:#x}"
+        );
     }
     std::fs::write(&cowd, put(&cowd0, 4 * 512, &u32::MAX.to_le_bytes())).unwrap();
     let image = open(&v, true);
-    assert_eq!(image.read_at(&mut buf, 0).unwrap_err().kind(), ErrorKind::Corrupt);
+    assert_eq!(
+        image.read_at(&mut buf, 0).unwrap_err().kind(),
+        ErrorKind::Corrupt
+    );
     image.read_at(&mut buf, 4 * MIB).unwrap();
     drop(image);
     // A bare delta extent is refused with a pointer to its descriptor (QEMU fails on it too).
@@ -294,7 +319,10 @@ fn hostile_esx_extents_are_refused_or_fail_their_range() {
     for extent in [&cowd, &sese] {
         let out = run(IMGFS, &["info", p(extent)]);
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success() && err.contains("open the descriptor"), "{err}");
+        assert!(
+            !out.status.success() && err.contains("open the descriptor"),
+            "{err}"
+        );
     }
 }
 

@@ -101,8 +101,11 @@ pub fn write_vmfs_sparse(
             );
             let off = gi * grain_bytes;
             grain_at.push((next * SECTOR, off));
-            want[off as usize..(off + grain_bytes) as usize]
-                .copy_from_slice(delta_bytes(&data, off, grain_bytes));
+            want[off as usize..(off + grain_bytes) as usize].copy_from_slice(delta_bytes(
+                &data,
+                off,
+                grain_bytes,
+            ));
             next += grain as u64;
         }
     }
@@ -190,7 +193,11 @@ pub fn write_se_sparse(
     let mut max_number = 0;
     for (k, &t) in with_table.iter().enumerate() {
         let table_no = tables - 1 - k as u64;
-        put64(&mut meta, gd * SECTOR + t * 8, 0x1000_0000_0000_0000 | table_no);
+        put64(
+            &mut meta,
+            gd * SECTOR + t * 8,
+            0x1000_0000_0000_0000 | table_no,
+        );
         let table_at = (gts + table_no * GT_SECTORS) * SECTOR;
         let mut number = if k == 0 { 5000 } else { 0 };
         for j in 0..GTES {
@@ -261,7 +268,8 @@ pub fn write_se_sparse(
     let f = std::fs::File::create(&extent).unwrap();
     f.write_all_at(&meta, 0).unwrap();
     for (host, off) in writes {
-        f.write_all_at(delta_bytes(&data, off, GRAIN), host).unwrap();
+        f.write_all_at(delta_bytes(&data, off, GRAIN), host)
+            .unwrap();
     }
     f.set_len((grains + (max_number + 1) * 8) * SECTOR).unwrap();
     let desc = descriptor(

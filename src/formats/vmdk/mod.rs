@@ -125,7 +125,11 @@ pub fn read_grain_header(file: &HostFile) -> Result<(Header, Option<FreeSector>,
     let n = file.read_at(&mut b, 0)?;
     if !b[..n].starts_with(cowd::MAGIC) {
         let h = read_sparse_header(file)?;
-        let kind = if h.compressed() { "KDMV stream" } else { "KDMV" };
+        let kind = if h.compressed() {
+            "KDMV stream"
+        } else {
+            "KDMV"
+        };
         return Ok((h, None, kind));
     }
     if n < cowd::HEADER_LEN {
@@ -184,7 +188,11 @@ impl VmdkMap {
                 room: Some(h.desc_size * SECTOR),
             };
             let len = h.capacity * SECTOR;
-            let kind = if h.compressed() { "KDMV stream" } else { "KDMV" };
+            let kind = if h.compressed() {
+                "KDMV stream"
+            } else {
+                "KDMV"
+            };
             let sp = Sparse::open(0, file.clone(), (h, None), len, ctx.cache_size)?;
             let ext = Ext {
                 start: 0,
@@ -211,7 +219,9 @@ impl VmdkMap {
             Body::Sparse(s) if s.hdr.compressed() => {
                 Some("streamOptimized VMDK (compressed grains)")
             }
-            Body::SeSparse(_) => Some("VMDK seSparse extent (ESXi snapshot delta; QEMU does not write these either)"),
+            Body::SeSparse(_) => {
+                Some("VMDK seSparse extent (ESXi snapshot delta; QEMU does not write these either)")
+            }
             _ => None,
         });
         if let Some(why) = format_read_only.filter(|_| !ctx.read_only) {
@@ -282,8 +292,9 @@ impl VmdkMap {
                 Kind::Sparse => {
                     let (h, free, kind) = read_grain_header(f).map_err(|e| e.in_file(f.path()))?;
                     fits(h.capacity)?;
-                    let sp = Sparse::open(file_no, f.clone(), (h, free), len, per_cache(sparse_count))
-                        .map_err(|e| e.in_file(f.path()))?;
+                    let sp =
+                        Sparse::open(file_no, f.clone(), (h, free), len, per_cache(sparse_count))
+                            .map_err(|e| e.in_file(f.path()))?;
                     (Body::Sparse(Box::new(sp)), kind)
                 }
                 Kind::SeSparse => {

@@ -282,23 +282,25 @@ impl SeSparse {
         let first = ((off % GT_SPAN) / GRAIN) as usize;
         let in_grain = off % GRAIN;
         let grains = (in_grain + len).div_ceil(GRAIN) as usize;
-        let (e0, n) = self.cache.with(&self.io, idx, |t| -> Result<(Entry, u64)> {
-            let at = |i: usize| le64(t, (first + i) * 8);
-            let e0 = self.classify(at(0))?;
-            let mut n = 1;
-            while n < grains {
-                let e = self.classify(at(n))?;
-                let same = match (e0, e) {
-                    (Entry::Grain(a), Entry::Grain(b)) => b == a + n as u64 * GRAIN,
-                    (a, b) => a == b,
-                };
-                if !same {
-                    break;
+        let (e0, n) = self
+            .cache
+            .with(&self.io, idx, |t| -> Result<(Entry, u64)> {
+                let at = |i: usize| le64(t, (first + i) * 8);
+                let e0 = self.classify(at(0))?;
+                let mut n = 1;
+                while n < grains {
+                    let e = self.classify(at(n))?;
+                    let same = match (e0, e) {
+                        (Entry::Grain(a), Entry::Grain(b)) => b == a + n as u64 * GRAIN,
+                        (a, b) => a == b,
+                    };
+                    if !same {
+                        break;
+                    }
+                    n += 1;
                 }
-                n += 1;
-            }
-            Ok((e0, n as u64))
-        })??;
+                Ok((e0, n as u64))
+            })??;
         let run = (n * GRAIN - in_grain).min(len);
         Ok(match e0 {
             Entry::Unalloc => Extent::Backing { len: run },
@@ -410,7 +412,10 @@ mod tests {
         v[..8].copy_from_slice(&VOLATILE_MAGIC.to_le_bytes());
         check_volatile(&v).unwrap();
         v[24] = 1;
-        assert!(check_volatile(&v).unwrap_err().to_string().contains("dirty"));
+        assert!(check_volatile(&v)
+            .unwrap_err()
+            .to_string()
+            .contains("dirty"));
         v[24] = 0;
         v[100] = 1;
         assert!(check_volatile(&v).is_err());
