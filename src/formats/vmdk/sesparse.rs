@@ -18,7 +18,7 @@
 //!
 //! (dissect.hypervisor calls type 1 "fallthrough"; QEMU reads it as zeros and imgfs matches QEMU.)
 
-use super::sparse::{MAX_GD_ENTRIES, SECTOR};
+use super::sparse::{Entry, MAX_GD_ENTRIES, SECTOR};
 use crate::cache::{CacheStats, TableCache, TableIo};
 use crate::error::{Error, Result};
 use crate::format::Extent;
@@ -126,15 +126,6 @@ pub fn check_volatile(b: &[u8]) -> Result<()> {
         ));
     }
     Ok(())
-}
-
-/// What one grain table entry says.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Entry {
-    Unalloc,
-    Zero,
-    /// Grain at this byte offset.
-    Grain(u64),
 }
 
 /// Loads grain tables keyed by GD index (never stores: the extent is read-only).
@@ -290,11 +281,7 @@ impl SeSparse {
                 let mut n = 1;
                 while n < grains {
                     let e = self.classify(at(n))?;
-                    let same = match (e0, e) {
-                        (Entry::Grain(a), Entry::Grain(b)) => b == a + n as u64 * GRAIN,
-                        (a, b) => a == b,
-                    };
-                    if !same {
+                    if !e0.continued_by(e, n, GRAIN) {
                         break;
                     }
                     n += 1;

@@ -248,13 +248,24 @@ impl TableIo for GtIo {
     }
 }
 
-/// What one GT entry says.
+/// What one GT entry says (KDMV, COWD and seSparse alike).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Entry {
+pub(super) enum Entry {
     Unalloc,
     Zero,
     /// Grain at this byte offset in the file.
     Grain(u64),
+}
+
+impl Entry {
+    /// Whether entry `e`, `n` grains of `grain` bytes after this one, continues this one's run:
+    /// the same kind, and for grains the next ones on disk.
+    pub(super) fn continued_by(self, e: Entry, n: usize, grain: u64) -> bool {
+        match (self, e) {
+            (Entry::Grain(a), Entry::Grain(b)) => b == a + n as u64 * grain,
+            (a, b) => a == b,
+        }
+    }
 }
 
 struct Alloc {
@@ -401,11 +412,7 @@ impl Sparse {
                 let mut n = 1;
                 while n < grains && !compressed {
                     let e = self.classify(le32(t, (first + n) * 4), end)?;
-                    let contiguous = match (e0, e) {
-                        (Entry::Grain(a), Entry::Grain(b)) => b == a + n as u64 * g,
-                        (a, b) => a == b,
-                    };
-                    if !contiguous {
+                    if !e0.continued_by(e, n, g) {
                         break;
                     }
                     n += 1;
