@@ -12,8 +12,9 @@
 //! 28 max table entries, 32 block size, 36 checksum, 40 parent unique id, 56 parent time stamp,
 //! 64 parent name (UTF-16BE, 512 bytes), 576 eight parent locators.
 //!
-//! A block is allocated where the footer is: the new footer is written past the new block and
-//! synced, then the bitmap overwrites the old footer, and only after the next sync (of the
+//! A block is allocated where the footer is (padded so that its data starts on a 4 KiB
+//! boundary): the new footer is written past the new block and synced, then the bitmap (after
+//! zeros over the old footer) overwrites the old footer, and only after the next sync (of the
 //! guest data) does the BAT entry reach the disk. A power cut leaves at worst an unreferenced
 //! block, never an entry pointing at garbage.
 
