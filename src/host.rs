@@ -280,7 +280,7 @@ impl RealFile {
     fn prefetch_edges(&self, off: u64, len: u64) {
         const PAGE: u64 = 4096;
         let end = off + len;
-        let (head, tail) = (off % PAGE != 0, end % PAGE != 0);
+        let (head, tail) = (!off.is_multiple_of(PAGE), !end.is_multiple_of(PAGE));
         if len == 0 || !(head || tail) {
             return;
         }
