@@ -54,6 +54,21 @@ fn piece(t: u64, s: u64) -> Vec<u8> {
     v
 }
 
+/// THREADS threads released at once, thread t running `each(t, its own O_DIRECT handle)`.
+fn race(file: &Path, each: impl Fn(u64, &std::fs::File) + Sync) {
+    let start = Barrier::new(THREADS as usize);
+    std::thread::scope(|sc| {
+        for t in 0..THREADS {
+            let (start, each) = (&start, &each);
+            sc.spawn(move || {
+                let f = open_direct(file, true);
+                start.wait();
+                each(t, &f);
+            });
+        }
+    });
+}
+
 fn run_format(dir: &Path, fmt: &str, opts: &str, check: Check) {
     let img = dir.join(format!("disk.{fmt}"));
     let size = SIZE.to_string();
@@ -67,17 +82,9 @@ fn run_format(dir: &Path, fmt: &str, opts: &str, check: Check) {
     let mnt = dir.join(format!("mnt-{fmt}"));
     let m = Mount::new(&[&img], &mnt, &[]);
     let file = m.file("disk.raw");
-    let start = Barrier::new(THREADS as usize);
-    std::thread::scope(|sc| {
-        for t in 0..THREADS {
-            let (file, start) = (&file, &start);
-            sc.spawn(move || {
-                let f = open_direct(file, true);
-                start.wait();
-                for s in 0..STRIPES {
-                    direct_write(&f, s * STRIPE + t * PIECE, &piece(t, s));
-                }
-            });
+    race(&file, |t, f| {
+        for s in 0..STRIPES {
+            direct_write(f, s * STRIPE + t * PIECE, &piece(t, s));
         }
     });
     let stats = ok(IMGFS, &["stats", mnt.to_str().unwrap()]);
@@ -161,18 +168,10 @@ fn parallel_writes_into_differencing_vhd_groups() {
     let mnt = d.join("mnt-vpc-diff");
     let m = Mount::new(&[&child], &mnt, &[]);
     let file = m.file("child.raw");
-    let start = Barrier::new(THREADS as usize);
     let sector = |t: u64, g: u64| random_bytes(1_000_000 + g * THREADS + t, SEC as usize);
-    std::thread::scope(|sc| {
-        for t in 0..THREADS {
-            let (file, start) = (&file, &start);
-            sc.spawn(move || {
-                let f = open_direct(file, true);
-                start.wait();
-                for g in 0..groups {
-                    direct_write(&f, g * 4096 + 2 * t * SEC, &sector(t, g));
-                }
-            });
+    race(&file, |t, f| {
+        for g in 0..groups {
+            direct_write(f, g * 4096 + 2 * t * SEC, &sector(t, g));
         }
     });
     let (umounted, err) = m.umount();
