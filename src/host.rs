@@ -412,11 +412,47 @@ impl RealFile {
     }
 }
 
+impl RealFile {
+    /// A buffered write that starts or ends inside a page the page cache does not hold makes the
+    /// kernel read that page before copying into it, synchronously and one page after the other
+    /// (a 4 KiB write 512 bytes off a page boundary waits for two disk reads in a row). This asks
+    /// for the partial edge pages first with readahead(2), which only starts the reads: both go to
+    /// the disk as one request, and for a long write they overlap with the copy of the rest.
+    /// Page-aligned writes, the norm, skip it; for pages already cached it is a lookup.
+    fn prefetch_edges(&self, off: u64, len: u64) {
+        const PAGE: u64 = 4096;
+        let end = off + len;
+        let (head, tail) = (!off.is_multiple_of(PAGE), !end.is_multiple_of(PAGE));
+        if len == 0 || !(head || tail) {
+            return;
+        }
+        let (first, last) = (off / PAGE * PAGE, (end - 1) / PAGE * PAGE);
+        let fd = self.file.as_raw_fd();
+        let ahead = |at: u64, n: u64| {
+            // SAFETY: readahead on a descriptor we own; no memory is passed. A failure only
+            // loses the hint.
+            unsafe { libc::readahead(fd, at as libc::off64_t, n as usize) };
+        };
+        match (head, tail) {
+            (true, true) if last - first <= PAGE => ahead(first, last + PAGE - first),
+            _ => {
+                if head {
+                    ahead(first, PAGE);
+                }
+                if tail && (last != first || !head) {
+                    ahead(last, PAGE);
+                }
+            }
+        }
+    }
+}
+
 impl HostBackend for RealFile {
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
         self.file.read_at(buf, off)
     }
     fn write_all_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        self.prefetch_edges(off, buf.len() as u64);
         self.file.write_all_at(buf, off)
     }
     fn sync(&self) -> io::Result<()> {
