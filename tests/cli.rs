@@ -347,7 +347,8 @@ fn printing_into_a_closed_pipe_ends_quietly() {
         .args(["info", img.to_str().unwrap()])
         .stdout(writer)
         .stderr(std::process::Stdio::piped())
-        .output()
+        .spawn_child()
+        .and_then(|c| c.wait_with_output())
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("panicked"), "{err}");

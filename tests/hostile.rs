@@ -361,7 +361,7 @@ fn hostile_partition_tables() {
             .args(["-q", p.to_str().unwrap()])
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::null())
-            .spawn()
+            .spawn_child()
             .unwrap();
         use std::io::Write;
         child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();

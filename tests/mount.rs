@@ -100,7 +100,7 @@ fn partition_mkfs_mount_roundtrip() {
     let mut sf = Command::new("sfdisk")
         .args(["--quiet", f.to_str().unwrap()])
         .stdin(std::process::Stdio::piped())
-        .spawn()
+        .spawn_child()
         .unwrap();
     use std::io::Write;
     sf.stdin

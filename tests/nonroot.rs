@@ -41,7 +41,7 @@ fn as_user(cmd: &str, args: &[&str]) -> Output {
         .args(["-u", USER, "--", cmd])
         .args(args)
         .current_dir("/")
-        .output()
+        .run_output()
         .unwrap()
 }
 

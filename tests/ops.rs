@@ -153,7 +153,7 @@ fn sd_notify_ready_only_once_the_mount_works() {
         .args(["mount", "-f", img.to_str().unwrap(), mnt.to_str().unwrap()])
         .env("NOTIFY_SOCKET", &sock_path)
         .stderr(std::process::Stdio::null())
-        .spawn()
+        .spawn_child()
         .unwrap();
     let mut buf = [0u8; 256];
     let n = sock.recv(&mut buf).expect("READY=1 within 20 s");

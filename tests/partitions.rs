@@ -30,7 +30,7 @@ fn sfdisk(disk: &Path, script: &str) {
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
-        .spawn()
+        .spawn_child()
         .unwrap();
     child
         .stdin

@@ -3,6 +3,7 @@
 //! scripts/stress.sh (numbers in docs/reliability.md).
 
 mod common;
+use common::Spawn;
 
 const STRESS: &str = env!("CARGO_BIN_EXE_imgfs-stress");
 
@@ -10,7 +11,7 @@ fn stress(extra: &[&str]) {
     let out = std::process::Command::new(STRESS)
         .args(["--imgfs", common::IMGFS])
         .args(extra)
-        .output()
+        .run_output()
         .expect("run imgfs-stress");
     let text = format!(
         "{}{}",

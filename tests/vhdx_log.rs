@@ -327,7 +327,7 @@ fn logs_left_dirty_by_qemu_replay_like_qemu_check() {
             .env("SHIM_FAIL_START", bat.to_string())
             .env("SHIM_FAIL_END", (bat + MIB).to_string())
             .env("SHIM_SKIP", skip.to_string())
-            .output()
+            .run_output()
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(

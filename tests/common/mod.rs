@@ -7,14 +7,43 @@ mod image;
 pub use image::*;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+
+/// Every child process of a test binary is started under this lock (`Spawn`). From fork to
+/// exec a child holds a copy of every descriptor the test process has open, including files
+/// other test threads have open at that moment: a file inside a mount (whose `umount` then
+/// fails with "target is busy") or an image (whose OFD lock qemu-img then sees). `spawn`
+/// returns only after the child's exec closed those copies, so with spawns one at a time, a
+/// child started after a thread closed a file can never be holding it.
+static SPAWN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Starting children under `SPAWN`; tests use these instead of `Command::spawn`/`output`.
+pub trait Spawn {
+    fn spawn_child(&mut self) -> std::io::Result<Child>;
+    /// `Command::output`: stdin from /dev/null, stdout and stderr captured.
+    fn run_output(&mut self) -> std::io::Result<Output>;
+}
+
+impl Spawn for Command {
+    fn spawn_child(&mut self) -> std::io::Result<Child> {
+        let _one_at_a_time = SPAWN.lock().unwrap_or_else(|e| e.into_inner());
+        self.spawn()
+    }
+
+    fn run_output(&mut self) -> std::io::Result<Output> {
+        self.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn_child()?
+            .wait_with_output()
+    }
+}
 
 pub fn run(cmd: &str, args: &[&str]) -> Output {
-    let out = Command::new(cmd)
+    Command::new(cmd)
         .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
-    out
+        .run_output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"))
 }
 
 /// Run a command that must succeed; returns stdout.
@@ -227,7 +256,7 @@ impl Mount {
         args.extend(extra.iter().map(|s| s.to_string()));
         args.extend(images.iter().map(|p| p.display().to_string()));
         args.push(dir.display().to_string());
-        let out = Command::new(IMGFS).args(&args).output().unwrap();
+        let out = Command::new(IMGFS).args(&args).run_output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         if !out.status.success() {
             return Err(stderr);
