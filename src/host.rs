@@ -77,15 +77,15 @@ impl AlignedBuf {
             self.free();
             let layout = std::alloc::Layout::from_size_align(len, DIRECT_ALIGN)
                 .expect("direct write size fits a layout");
-            // SAFETY: the layout has a non-zero size (len >= DIRECT_MIN).
-            self.ptr = unsafe { std::alloc::alloc(layout) };
+            // SAFETY: the layout has a non-zero size (len >= DIRECT_MIN). Zeroed, so the
+            // slice handed out below never exposes uninitialised memory.
+            self.ptr = unsafe { std::alloc::alloc_zeroed(layout) };
             if self.ptr.is_null() {
                 std::alloc::handle_alloc_error(layout);
             }
             self.cap = len;
         }
-        // SAFETY: `cap >= len` bytes allocated above, owned by this buffer; any byte pattern is
-        // a valid u8 and callers overwrite the slice before reading it.
+        // SAFETY: `cap >= len` initialised bytes allocated above, owned by this buffer.
         unsafe { std::slice::from_raw_parts_mut(self.ptr, len) }
     }
 
