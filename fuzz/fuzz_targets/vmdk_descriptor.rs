@@ -10,7 +10,7 @@ fuzz_target!(|data: &[u8]| {
         let _ = d.sectors();
         let _ = d.with_cid(0x1234_5678);
     }
-    common::open_and_read("vmdk", data);
+    common::open_and_read("vmdk", common::MemFile::dense(data));
     let f = imgfs::host::FaultFile::new(data.to_vec());
     let host = f.host_file(std::path::Path::new("/nonexistent/fuzz/app.ova"), false);
     if let Ok(disks) = imgfs::formats::vmdk::ova::disks(&host) {
