@@ -574,7 +574,7 @@ impl Image {
     pub fn write_at(&self, buf: &[u8], off: u64) -> Result<()> {
         self.check_writable()?;
         self.check_range(off, buf.len() as u64)?;
-        if self.probed_raw && off < 512 {
+        if self.probed_raw {
             self.check_raw_magic(buf, off)?;
         }
         self.stats.writes.fetch_add(1, Ordering::Relaxed);
@@ -621,19 +621,41 @@ impl Image {
     }
 
     /// A guest must not turn a probed raw image into something imgfs (or QEMU) would later
-    /// probe as another format, e.g. a qcow2 header naming a host file as its backing file.
+    /// probe as another format, e.g. a qcow2 header naming a host file as its backing file, or
+    /// a fixed-VHD footer in the last sector (whose next probe would serve the disk as a VHD).
     fn check_raw_magic(&self, buf: &[u8], off: u64) -> Result<()> {
-        let mut sector = vec![0u8; 512];
-        self.read_inner(&mut sector, 0)?;
-        let start = off as usize;
-        let n = (512 - start).min(buf.len());
-        sector[start..start + n].copy_from_slice(&buf[..n]);
-        if let Some(fmt) = formats::image_magic(&sector) {
+        let span = formats::MAGIC_SPAN as u64;
+        let end = off + buf.len() as u64;
+        let size = self.size();
+        let tail_at = size.saturating_sub(span);
+        let mut planted = None;
+        for (at, head) in [(0, true), (tail_at, false)] {
+            let len = span.min(size);
+            if end <= at || off >= at + len {
+                continue;
+            }
+            // The guarded bytes as they would read after this write.
+            let mut sector = vec![0u8; len as usize];
+            self.read_inner(&mut sector, at)?;
+            let from = off.max(at);
+            let to = end.min(at + len);
+            sector[(from - at) as usize..(to - at) as usize]
+                .copy_from_slice(&buf[(from - off) as usize..(to - off) as usize]);
+            planted = if head {
+                formats::image_magic(&sector)
+            } else {
+                formats::trailer_magic(&sector)
+            };
+            if planted.is_some() {
+                break;
+            }
+        }
+        if let Some(fmt) = planted {
             return Err(Error::new(
                 ErrorKind::Permission,
                 format!(
-                    "refusing to write a {fmt} header into a raw image whose format was probed \
-                     (mount with --format raw to allow it)"
+                    "refusing to write a {fmt} signature into a raw image whose format was \
+                     probed (mount with --format raw to allow it)"
                 ),
             )
             .in_file(&self.path));

@@ -311,7 +311,19 @@ fn probed_raw_cannot_be_turned_into_a_qcow2() {
     let e = pwrite(&m.file("guest.raw"), 0, b"QFI\xfb\0\0\0\x03").unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::EPERM));
     pwrite(&m.file("guest.raw"), 512, b"QFI\xfb").unwrap();
+    // Nor into a fixed VHD or a DMG by a trailer in its last sector (the next probe looks
+    // there), whether the write covers the whole sector or just the signature.
+    let last: u64 = (1 << 20) - 512;
+    let e = pwrite(&m.file("guest.raw"), last, b"conectix").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EPERM));
+    let mut tail = vec![0u8; 4096];
+    tail[4096 - 512..4096 - 508].copy_from_slice(b"koly");
+    let e = pwrite(&m.file("guest.raw"), (1 << 20) - 4096, &tail).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EPERM));
+    // The same bytes one sector earlier are just data.
+    pwrite(&m.file("guest.raw"), last - 512, b"conectix").unwrap();
     drop(m);
+    assert!(!std::fs::read(&img).unwrap()[last as usize..].starts_with(b"conectix"));
     // With an explicit --format raw, the guest owns its first sector.
     let m = Mount::new(&[&img], &t.path().join("mnt"), &["--format", "raw"]);
     pwrite(&m.file("guest.raw"), 0, b"QFI\xfb\0\0\0\x03").unwrap();

@@ -195,6 +195,19 @@ pub fn image_magic(head: &[u8]) -> Option<&'static str> {
         .map(|f| f.label)
 }
 
+/// How far from either end of a file the signatures in `image_magic` and `trailer_magic` reach:
+/// the raw-write guard checks writes touching the first or the last `MAGIC_SPAN` bytes.
+pub const MAGIC_SPAN: usize = 512;
+
+/// The container a file ending in `tail` (its last `MAGIC_SPAN` bytes or more) would be taken
+/// for because of a trailer (a fixed VHD's footer, DMG's koly block); None when none is there.
+pub fn trailer_magic(tail: &[u8]) -> Option<&'static str> {
+    FOREIGN
+        .iter()
+        .find(|f| matches!(f.at, At::Tail(_)) && f.matches(&[], tail))
+        .map(|f| f.label)
+}
+
 /// Read a big-endian u64/u32/u16 from `b` at `at` (callers have checked the length).
 pub fn be64(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
@@ -252,5 +265,19 @@ mod tests {
         assert_eq!(image_magic(&with(0, b"KDMV")), Some("vmdk"));
         assert_eq!(image_magic(&with(0, b"COWD")), Some("VMDK (ESX COWD)"));
         assert_eq!(image_magic(&fixed), None);
+        // trailer_magic (the raw-write guard for the last sector) sees trailers only.
+        assert_eq!(trailer_magic(&fixed), Some("fixed VHD (vpc)"));
+        assert_eq!(trailer_magic(&dmg), Some("DMG"));
+        assert_eq!(trailer_magic(&with(0, b"conectix")), None);
+    }
+
+    #[test]
+    fn every_signature_lies_within_the_guarded_span() {
+        for f in FOREIGN {
+            match f.at {
+                At::Head(at) => assert!(at + f.magic.len() <= MAGIC_SPAN, "{}", f.label),
+                At::Tail(back) => assert!(back <= MAGIC_SPAN, "{}", f.label),
+            }
+        }
     }
 }
