@@ -132,4 +132,39 @@ done
 printf '<Envelope/>' > "$tmp/a.ovf"
 cp corpus/open_vmdk/seed2 "$tmp/disk.vmdk"
 tar --format=ustar -C "$tmp" -cf corpus/vmdk_descriptor/ova a.ovf disk.vmdk
-echo "corpus/open_vmdk: 3 seeds; corpus/vmdk_descriptor: 4 seeds"
+# ESX delta extents (qemu-img cannot make them): COWD with 512-byte and 4 KiB grains, seSparse with
+# every grain entry type. The open_vmdk target opens them through a descriptor it writes itself.
+python3 - corpus/open_vmdk <<'PY'
+import struct, sys
+out = sys.argv[1]
+def cowd(grain, name):
+    sectors, gt_sectors = 2048, 4096 * 4 // 512
+    gd, gt = 4, 5
+    grains = gt + gt_sectors
+    b = bytearray(grains * 512)
+    b[:32] = b'COWD' + struct.pack('<7I', 1, 3, sectors, grain, gd, 2, 0)
+    struct.pack_into('<I', b, gd * 512, gt)
+    nxt = grains
+    for j in (0, 1, 2, 9, 40, 41):  # some runs contiguous on disk, some not
+        struct.pack_into('<I', b, gt * 512 + j * 4, nxt)
+        b += bytes([j + 1]) * (grain * 512)
+        nxt += grain
+    struct.pack_into('<I', b, 28, nxt)
+    open(f'{out}/{name}', 'wb').write(b)
+cowd(1, 'cowd1')
+cowd(8, 'cowd8')
+gd, gts, grains = 2, 3, 3 + 64
+b = bytearray(grains * 512)
+struct.pack_into('<26Q', b, 0, 0xcafebabe, 0x200000001, 2048, 8, 64, 0, 0, 0, 0, 0,
+                 1, 1, 0, 0, 0, 0, gd, 1, gts, 64, 0, 0, 0, 0, grains, 64)
+struct.pack_into('<4Q', b, 512, 0xcafecafe, 1, 1, 0)
+struct.pack_into('<Q', b, gd * 512, 0x1000000000000000)
+entries = [0x3000000000000000, 0x3001000000000000, 0, 0x2000000000000000, 0x1000000000000000,
+           0x3002000000000000, 0x3007000000000000]
+for j, e in enumerate(entries):
+    struct.pack_into('<Q', b, gts * 512 + j * 8, e)
+for n in range(8):
+    b += bytes([n + 1]) * 4096
+open(f'{out}/sesparse', 'wb').write(b)
+PY
+echo "corpus/open_vmdk: 6 seeds; corpus/vmdk_descriptor: 4 seeds"

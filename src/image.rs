@@ -596,10 +596,10 @@ impl Image {
                 return Err(Error::corrupt("block map returned an empty extent").at(pos));
             }
             match ext {
-                Extent::Data { host, .. } => self.data.write_all_at(&buf[done..done + n], host)?,
+                Extent::Data { host, .. } => self.data.write_data_at(&buf[done..done + n], host)?,
                 Extent::InFile { file, host, .. } => self
                     .extent_file(file)?
-                    .write_all_at(&buf[done..done + n], host)?,
+                    .write_data_at(&buf[done..done + n], host)?,
                 _ => return Err(Error::corrupt(format!("map_write gave {ext:?}")).at(pos)),
             }
             done += n;

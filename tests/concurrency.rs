@@ -43,6 +43,8 @@ const FORMATS: &[(&str, &str, Check)] = &[
     ("qcow2", "cluster_size=4096", Check::Qemu),
     ("qed", "cluster_size=4096", Check::Qemu),
     ("vhdx", "block_size=1M", Check::Qemu),
+    ("vpc", "subformat=dynamic", Check::Imgfs),
+    ("vdi", "", Check::Qemu),
 ];
 
 /// The bytes thread `t` writes into stripe `s` (distinct for every piece, never all zero).
@@ -50,6 +52,21 @@ fn piece(t: u64, s: u64) -> Vec<u8> {
     let mut v = random_bytes(s * THREADS + t, PIECE as usize);
     v[0] = 1 + t as u8;
     v
+}
+
+/// THREADS threads released at once, thread t running `each(t, its own O_DIRECT handle)`.
+fn race(file: &Path, each: impl Fn(u64, &std::fs::File) + Sync) {
+    let start = Barrier::new(THREADS as usize);
+    std::thread::scope(|sc| {
+        for t in 0..THREADS {
+            let (start, each) = (&start, &each);
+            sc.spawn(move || {
+                let f = open_direct(file, true);
+                start.wait();
+                each(t, &f);
+            });
+        }
+    });
 }
 
 fn run_format(dir: &Path, fmt: &str, opts: &str, check: Check) {
@@ -65,17 +82,9 @@ fn run_format(dir: &Path, fmt: &str, opts: &str, check: Check) {
     let mnt = dir.join(format!("mnt-{fmt}"));
     let m = Mount::new(&[&img], &mnt, &[]);
     let file = m.file("disk.raw");
-    let start = Barrier::new(THREADS as usize);
-    std::thread::scope(|sc| {
-        for t in 0..THREADS {
-            let (file, start) = (&file, &start);
-            sc.spawn(move || {
-                let f = open_direct(file, true);
-                start.wait();
-                for s in 0..STRIPES {
-                    direct_write(&f, s * STRIPE + t * PIECE, &piece(t, s));
-                }
-            });
+    race(&file, |t, f| {
+        for s in 0..STRIPES {
+            direct_write(f, s * STRIPE + t * PIECE, &piece(t, s));
         }
     });
     let stats = ok(IMGFS, &["stats", mnt.to_str().unwrap()]);
@@ -101,7 +110,7 @@ fn run_format(dir: &Path, fmt: &str, opts: &str, check: Check) {
         Check::None => {}
         Check::Qemu => assert_check_clean(fmt, &img),
         Check::Imgfs => {
-            ok(IMGFS, &["check", img.to_str().unwrap()]);
+            ok(IMGFS, &["check", "-f", fmt, img.to_str().unwrap()]);
         }
     }
 }
@@ -112,4 +121,79 @@ fn parallel_writes_into_one_unallocated_cluster() {
     for &(fmt, opts, check) in FORMATS {
         run_format(dir.path(), fmt, opts, check);
     }
+}
+
+/// A differencing VHD marks sectors present in 4 KiB groups, filling a group's other sectors
+/// from the parent (read before the allocation lock): four threads write every other sector of
+/// the same groups at once (thread t: sector 2t of each group), so every fill races the other
+/// threads' writes and fills. The odd sectors must still read as the parent's.
+#[test]
+fn parallel_writes_into_differencing_vhd_groups() {
+    let dir = tmpdir();
+    let d = dir.path();
+    let parent = d.join("parent.vhd");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vpc",
+        "-o",
+        "force_size=on",
+        parent.to_str().unwrap(),
+        &SIZE.to_string(),
+    ]);
+    let base = random_bytes(77, 16 << 20);
+    let seed = write_file(d, "seed.bin", &base);
+    qemu_io(
+        "vpc",
+        &parent,
+        &[&format!("write -s {} 0 {}", seed.display(), base.len())],
+    );
+    let child = d.join("child.vhd");
+    ok(
+        IMGFS,
+        &[
+            "create",
+            "-f",
+            "vpc",
+            "-b",
+            "parent.vhd",
+            child.to_str().unwrap(),
+        ],
+    );
+    let mut want = base.clone();
+    want.resize(SIZE as usize, 0);
+    const SEC: u64 = 512;
+    let groups = STRIPES;
+    let mnt = d.join("mnt-vpc-diff");
+    let m = Mount::new(&[&child], &mnt, &[]);
+    let file = m.file("child.raw");
+    let sector = |t: u64, g: u64| random_bytes(1_000_000 + g * THREADS + t, SEC as usize);
+    race(&file, |t, f| {
+        for g in 0..groups {
+            direct_write(f, g * 4096 + 2 * t * SEC, &sector(t, g));
+        }
+    });
+    let (umounted, err) = m.umount();
+    assert!(umounted, "vpc-diff: umount failed: {err}");
+    for g in 0..groups {
+        for t in 0..THREADS {
+            let at = (g * 4096 + 2 * t * SEC) as usize;
+            want[at..at + SEC as usize].copy_from_slice(&sector(t, g));
+        }
+    }
+    let img = imgfs::Image::open(
+        &child,
+        &imgfs::OpenOpts {
+            read_only: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_same(
+        &engine_read_all(&img),
+        &want,
+        "differencing VHD after parallel writes",
+    );
+    ok(IMGFS, &["check", "-f", "vpc", child.to_str().unwrap()]);
 }

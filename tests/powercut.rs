@@ -88,13 +88,33 @@ fn powercut_with(fmt: &str, resize_pct: u64, total: u64) {
                         vhdx_replay_agrees(&crashed, seed);
                     }
                     if fmt == "vpc" {
-                        // QEMU cannot check vpc (exit 63): imgfs's own check must be clean.
-                        let out = run(IMGFS, &["check", "-f", "vpc", crashed.to_str().unwrap()]);
+                        // QEMU cannot check vpc (exit 63): imgfs's own check may find a leak
+                        // (a cut inside an allocation), nothing worse, and repair it.
+                        let p = crashed.to_str().unwrap();
+                        let out = run(IMGFS, &["check", "-f", "vpc", p]);
+                        let code = out.status.code();
                         assert!(
-                            out.status.success(),
+                            code == Some(0) || code == Some(3),
                             "vpc seed {seed}: imgfs check after the cut: {}",
                             String::from_utf8_lossy(&out.stdout)
                         );
+                        if code == Some(3) {
+                            let want = engine_read_all(
+                                &imgfs::Image::open(
+                                    &crashed,
+                                    &imgfs::image::OpenOpts {
+                                        read_only: true,
+                                        lock: false,
+                                        ..Default::default()
+                                    },
+                                )
+                                .unwrap(),
+                            );
+                            ok(IMGFS, &["check", "-r", "all", "-f", "vpc", p]);
+                            ok(IMGFS, &["check", "-f", "vpc", p]);
+                            assert_compare_bytes("vpc", &crashed, &want);
+                            leaky += 1;
+                        }
                         checked += 1;
                         return Ok(());
                     }

@@ -92,6 +92,10 @@ fn create_static_and_dynamic_read_by_qemu() {
             String::from_utf8_lossy(&out.stderr)
         );
         assert_check_clean("vdi", &img);
+        // Block data on a 1 MiB boundary, as VirtualBox places it.
+        let h = std::fs::read(&img).unwrap();
+        let data = u32::from_le_bytes(h[0x158..0x15c].try_into().unwrap()) as u64;
+        assert_eq!(data % MIB, 0, "{o}: data at {data:#x}");
         qemu_io("vdi", &img, &["write -P 0x42 1M 100000"]);
         // An odd size is rounded up to whole sectors, as QEMU reads it.
         let mut want = vec![0u8; 5_000_192];
@@ -140,6 +144,17 @@ fn check_finds_and_repairs_damage() {
     assert!(raw[4 * MIB as usize..5 * MIB as usize]
         .iter()
         .all(|&x| x == 3));
+    // Repair freed index 1 below index 2: it moved block 4M down, so QEMU, which allocates at
+    // the count, does not write over it.
+    qemu_io("vdi", &img, &["write -P 4 6M 1M"]);
+    assert_check_clean("vdi", &img);
+    let raw = qemu_raw(&img);
+    assert!(raw[4 * MIB as usize..5 * MIB as usize]
+        .iter()
+        .all(|&x| x == 3));
+    assert!(raw[6 * MIB as usize..7 * MIB as usize]
+        .iter()
+        .all(|&x| x == 4));
 }
 
 #[test]

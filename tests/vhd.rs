@@ -166,6 +166,32 @@ fn disk_size_rule_per_creator_matches_qemu() {
     }
 }
 
+/// A dynamic VHD's BAT entries (sector offsets of each block's bitmap); empty for a fixed VHD.
+fn bat_entries(img: &Path) -> Vec<u32> {
+    let b = std::fs::read(img).unwrap();
+    let be64 = |o: usize| u64::from_be_bytes(b[o..o + 8].try_into().unwrap()) as usize;
+    let be32 = |o: usize| u32::from_be_bytes(b[o..o + 4].try_into().unwrap());
+    if &b[..8] != b"conectix" || be32(60) == 2 {
+        return vec![];
+    }
+    let h = be64(16);
+    let (bat, n) = (be64(h + 16), be32(h + 28) as usize);
+    (0..n).map(|i| be32(bat + i * 4)).collect()
+}
+
+/// Blocks imgfs allocated (entries unallocated before) have their data, after the 512-byte
+/// bitmap of a 2 MiB block, on a 4 KiB boundary.
+fn assert_new_blocks_aligned(before: &[u32], after: &[u32]) {
+    let mut new = 0;
+    for (i, (&b, &a)) in before.iter().zip(after).enumerate() {
+        if b == u32::MAX && a != u32::MAX {
+            new += 1;
+            assert_eq!((a as u64 * 512 + 512) % 4096, 0, "block {i} at sector {a}");
+        }
+    }
+    assert!(before.is_empty() || new > 0, "no block allocated");
+}
+
 #[test]
 fn writes_pass_qemu_compare_and_imgfs_check() {
     let d = tmpdir();
@@ -173,10 +199,12 @@ fn writes_pass_qemu_compare_and_imgfs_check() {
         let img = qemu_create(d.path(), &format!("w{i}.vhd"), opts, 24 * MIB);
         fill_with_qemu(d.path(), &img, qemu_size(&img), 7 + i as u64);
         let mut want = vpc_raw(&img);
+        let before = bat_entries(&img);
         let im = open(&img, false);
         write_block_pattern(&im, &mut want, 100 * i as u64, 2 * MIB, 6 * MIB);
         im.close().unwrap();
         drop(im);
+        assert_new_blocks_aligned(&before, &bat_entries(&img));
         assert_compare_bytes("vpc", &img, &want);
         assert_eq!(qemu_check("vpc", &img).0, 63, "qemu-img cannot check vpc");
         ok(IMGFS, &["check", "-f", "vpc", img.to_str().unwrap()]);
@@ -402,4 +430,81 @@ fn mounted_dynamic_vhd_writes_and_remounts() {
     let (ok_, err) = m.umount();
     assert!(ok_, "{err}");
     assert_compare_bytes("vpc", &img, &want);
+}
+
+/// What a power cut between moving the footer and storing the new block's BAT entry leaves:
+/// a block (bitmap + some data) that no entry references, then the footer.
+fn leak_one_block(img: &Path) {
+    let mut b = std::fs::read(img).unwrap();
+    let at = b.len() - 512;
+    let footer = b[at..].to_vec();
+    let unit = 512 + 2 * MIB as usize;
+    b.resize(at + unit + 512, 0);
+    b[at..at + 512].fill(0xff);
+    b[at + 512..at + 512 + 8192].fill(0x77);
+    b[at + unit..].copy_from_slice(&footer);
+    std::fs::write(img, &b).unwrap();
+}
+
+fn check_code(img: &Path, repair: bool) -> (Option<i32>, String) {
+    let p = img.to_str().unwrap();
+    let out = if repair {
+        imgfs(&["check", "-r", "all", "-f", "vpc", p])
+    } else {
+        imgfs(&["check", "-f", "vpc", p])
+    };
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into(),
+    )
+}
+
+#[test]
+fn check_reports_and_repairs_leaked_blocks() {
+    let d = tmpdir();
+    let img = qemu_create(d.path(), "leak.vhd", "subformat=dynamic", 16 * MIB);
+    qemu_io("vpc", &img, &["write -P 1 0 1M", "write -P 3 8M 1M"]);
+    let mut want = vpc_raw(&img);
+    let clean_len = std::fs::metadata(&img).unwrap().len();
+    assert_eq!(check_code(&img, false).0, Some(0));
+
+    // Before the footer: repair moves the footer back and cuts the file.
+    leak_one_block(&img);
+    let (code, text) = check_code(&img, false);
+    assert_eq!(code, Some(3), "{text}");
+    assert!(
+        text.contains("1 leaked block") && text.contains("before the footer"),
+        "{text}"
+    );
+    assert_compare_bytes("vpc", &img, &want);
+    let (code, text) = check_code(&img, true);
+    assert_eq!(code, Some(0), "{text}");
+    assert_eq!(std::fs::metadata(&img).unwrap().len(), clean_len);
+    assert_eq!(check_code(&img, false).0, Some(0));
+    assert_compare_bytes("vpc", &img, &want);
+
+    // Between blocks (a block allocated after the leak): repair punches it out.
+    leak_one_block(&img);
+    let im = open(&img, false);
+    let data = random_bytes(9, 4096);
+    im.write_at(&data, 12 * MIB).unwrap();
+    im.close().unwrap();
+    drop(im);
+    want[12 * MIB as usize..12 * MIB as usize + 4096].copy_from_slice(&data);
+    let (code, text) = check_code(&img, false);
+    assert_eq!(code, Some(3), "{text}");
+    assert!(
+        text.contains("1 leaked block") && !text.contains("before the footer"),
+        "{text}"
+    );
+    let held = std::fs::metadata(&img).unwrap();
+    assert_eq!(check_code(&img, true).0, Some(0));
+    assert_eq!(check_code(&img, false).0, Some(0));
+    use std::os::unix::fs::MetadataExt;
+    assert!(
+        std::fs::metadata(&img).unwrap().blocks() < held.blocks(),
+        "space not freed"
+    );
+    assert_compare_bytes("vpc", &img, &want);
+    assert_same(&vpc_raw(&img), &want, "QEMU's view after repair");
 }

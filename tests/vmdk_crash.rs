@@ -1,11 +1,14 @@
 //! VMDK power cuts (the crash simulator): a delta disk over a parent with a two-table cache (GTs
-//! written back by eviction between fsyncs), and a disk split over three sparse extent files,
-//! each its own fault file cut independently. After every cut the image reopens and every byte
+//! written back by eviction between fsyncs), a disk split over three sparse extent files,
+//! each its own fault file cut independently, and an ESX vmfsSparse delta (a COWD extent file
+//! of 512-byte grains, tables evicted between fsyncs). After every cut the image reopens and every byte
 //! fsync'd before it reads back; `imgfs check` finds no corruption (leaks allowed) and, on a
 //! sample, neither does `qemu-img check`. `IMGFS_CUTS=N` sets the cuts per case
 //! (scripts/crash-bench.sh runs 1,000). The monolithic sparse image is in powercut.rs.
 
 mod common;
+#[path = "common/vmdk_esx.rs"]
+mod vmdk_esx;
 use common::*;
 use imgfs::crashsim::{run_cut_files, Workload};
 use imgfs::format::Repair;
@@ -154,4 +157,22 @@ fn crash_split_sparse_extents() {
         cuts(50),
         imgfs::image::DEFAULT_CACHE_SIZE,
     );
+}
+
+/// An ESX vmfsSparse delta (512-byte grains, 2 MiB per table) over an 8 MiB parent, its COWD
+/// extent a fault file; a two-table cache writes tables back by eviction, new tables go into
+/// ranges whose directory entry is empty, and the header's freeSector is raised before tables.
+#[test]
+fn crash_vmfs_sparse_delta() {
+    let dir = tmpdir();
+    let d = dir.path();
+    let base = d.join("base.vmdk");
+    qemu_img(&["create", "-q", "-f", "vmdk", p(&base), "8M"]);
+    let data = write_file(d, "d", &random_bytes(3, 4 << 20));
+    qemu_io("vmdk", &base, &[&format!("write -s {} 0 4M", p(&data))]);
+    let (img, _) = vmdk_esx::write_vmfs_sparse(d, "delta", "base.vmdk", &qemu_raw(&base), 1, 4);
+    let out = d.join("out");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::copy(&base, out.join("base.vmdk")).unwrap();
+    crash_loop(&img, &[d.join("delta-delta.vmdk")], &out, cuts(50), 1);
 }

@@ -4,7 +4,7 @@
 // Speed matters here: libFuzzer under ASAN pays for every large allocation in page faults, so the
 // file is held once (no copies), sparse inputs stay sparse, and the read buffer is reused.
 use imgfs::host::{HostBackend, HostFile};
-use imgfs::image::{Image, OpenOpts};
+use imgfs::image::{Image, OpenOpts, Preopened};
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::io;
@@ -85,15 +85,40 @@ thread_local! {
 }
 
 pub fn open_and_read(format: &str, file: MemFile) {
+    // Backing files named by the input are looked up beside this (nonexistent) path.
+    open_and_read_at(format, file, Path::new("/nonexistent/fuzz/image"), Preopened::default());
+}
+
+/// A standalone VMDK descriptor `desc` whose extent file `name` is `extent` (served from
+/// memory through `OpenOpts::preopened`), opened and read as `open_and_read` does. The policy
+/// resolves extent names to existing paths: empty placeholder files in a scratch directory.
+#[allow(dead_code)]
+pub fn open_descriptor_with_extent(desc: &[u8], name: &str, extent: MemFile) {
+    let dir = std::env::temp_dir().join("imgfs-fuzz-extents");
+    let placeholder = dir.join(name);
+    if !placeholder.exists() {
+        let _ = std::fs::create_dir_all(&dir);
+        let _ = std::fs::write(&placeholder, b"");
+    }
+    let Ok(resolved) = placeholder.canonicalize() else {
+        return;
+    };
+    let host = HostFile::from_backend(Arc::new(extent), &resolved, false);
+    let files = std::collections::HashMap::from([(resolved, host)]);
+    let pre = Preopened(Some(Arc::new(files)));
+    open_and_read_at("vmdk", MemFile::dense(desc), &dir.join("desc.vmdk"), pre);
+}
+
+fn open_and_read_at(format: &str, file: MemFile, path: &Path, preopened: Preopened) {
     let opts = OpenOpts {
         format: Some(format.to_string()),
         read_only: true,
         lock: false,
         cache_size: 64 << 10,
+        preopened,
         ..OpenOpts::default()
     };
-    // Backing files named by the input are looked up beside this (nonexistent) path.
-    let host = HostFile::from_backend(Arc::new(file), Path::new("/nonexistent/fuzz/image"), false);
+    let host = HostFile::from_backend(Arc::new(file), path, false);
     let Ok(img) = Image::open_host(host, &opts) else {
         return;
     };

@@ -69,6 +69,8 @@ struct Foreign {
     /// Registry names that serve it: once a format with one of these names is in `FORMATS`,
     /// its files are opened with it instead of being refused. QEMU's name first.
     names: &'static [&'static str],
+    /// Appended to the refusal (what to open instead).
+    hint: &'static str,
 }
 
 const fn head(
@@ -82,6 +84,18 @@ const fn head(
         magic,
         label,
         names,
+        hint: "",
+    }
+}
+
+/// A piece of a multi-file image that is served only through the file naming it.
+const fn part(magic: &'static [u8], label: &'static str, hint: &'static str) -> Foreign {
+    Foreign {
+        at: At::Head(0),
+        magic,
+        label,
+        names: &[],
+        hint,
     }
 }
 
@@ -99,8 +113,18 @@ const FOREIGN: &[Foreign] = &[
     head(0, b"QED\0", "QED", &["qed"]),
     head(0, b"vhdxfile", "VHDX", &["vhdx"]),
     head(0, b"KDMV", "VMDK", &["vmdk"]),
-    // The vmdk format reads KDMV extents and descriptors, not VMDK3 / ESX COWD extents.
-    head(0, b"COWD", "VMDK (ESX COWD)", &[]),
+    // ESX delta extents (vmfsSparse COWD, seSparse) are read through their descriptor, which
+    // names their parent; QEMU fails on a bare COWD file too (it finds no CID in it).
+    part(
+        b"COWD",
+        "VMDK (ESX COWD delta extent)",
+        " by itself: open the descriptor .vmdk that names it",
+    ),
+    part(
+        b"\xbe\xba\xfe\xca\0\0\0\0",
+        "VMDK (ESXi seSparse delta extent)",
+        " by itself: open the descriptor .vmdk that names it",
+    ),
     head(0, b"# Disk DescriptorFile", "VMDK descriptor", &["vmdk"]),
     head(0, b"conectix", "VHD (vpc)", &["vpc", "vhd"]),
     head(0x40, b"\x7f\x10\xda\xbe", "VDI", &["vdi"]),
@@ -123,12 +147,14 @@ const FOREIGN: &[Foreign] = &[
         magic: b"conectix",
         label: "fixed VHD (vpc)",
         names: &["vpc", "vhd"],
+        hint: "",
     },
     Foreign {
         at: At::Tail(512),
         magic: b"koly",
         label: "DMG",
         names: &["dmg"],
+        hint: "",
     },
 ];
 
@@ -163,8 +189,8 @@ pub fn detect(head: &[u8], tail: &[u8]) -> Result<&'static dyn Format> {
         None => Ok(&raw::Raw),
         Some(f) => f.served_by().ok_or_else(|| {
             Error::unsupported(format!(
-                "{} image: imgfs cannot serve this format (--format raw exposes the file itself)",
-                f.label
+                "{} image: imgfs cannot serve this format{} (--format raw exposes the file itself)",
+                f.label, f.hint
             ))
         }),
     }
@@ -263,7 +289,14 @@ mod tests {
         assert_eq!(detect(&v9, &zeros).unwrap().name(), "qcow2");
         // image_magic (the raw-write guard) sees start-of-file signatures only.
         assert_eq!(image_magic(&with(0, b"KDMV")), Some("vmdk"));
-        assert_eq!(image_magic(&with(0, b"COWD")), Some("VMDK (ESX COWD)"));
+        assert_eq!(
+            image_magic(&with(0, b"COWD")),
+            Some("VMDK (ESX COWD delta extent)")
+        );
+        let cowd = detect(&with(0, b"COWD"), &zeros).err().expect("refused");
+        assert!(cowd.to_string().contains("open the descriptor"), "{cowd}");
+        let se = detect(&with(0, b"\xbe\xba\xfe\xca\0\0\0\0"), &zeros);
+        assert!(se.err().expect("refused").to_string().contains("seSparse"));
         assert_eq!(image_magic(&fixed), None);
         // trailer_magic (the raw-write guard for the last sector) sees trailers only.
         assert_eq!(trailer_magic(&fixed), Some("fixed VHD (vpc)"));

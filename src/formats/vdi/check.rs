@@ -1,9 +1,10 @@
 //! `imgfs check [-r] -f vdi`: block map entries past the image's blocks or the file, blocks
 //! used twice, and the header's allocated-block count. Repair unmaps bad and duplicate entries
-//! (they read as zeros, or from the parent) and rewrites the count.
+//! (they read as zeros, or from the parent), moves blocks whose index lies at or past the
+//! count into unused indices below it (`map::compact`), and rewrites the count.
 
 use super::header::Header;
-use super::map::{classify, Entry, FREE};
+use super::map::{classify, compact, read_entries, Entry, FREE};
 use crate::error::Result;
 use crate::format::{CheckReport, Repair};
 use crate::host::HostFile;
@@ -47,6 +48,19 @@ pub fn check(file: HostFile, hdr: Header, repair: Repair) -> Result<CheckReport>
         count += 1;
     }
     r.allocated_clusters = count as u64;
+    // Used indices must be exactly 0..count: QEMU and VirtualBox allocate at the count.
+    let above = owner
+        .iter()
+        .skip(count as usize)
+        .filter(|o| o.is_some())
+        .count();
+    if above > 0 {
+        r.corruptions += 1;
+        r.messages.push(format!(
+            "{above} block(s) use indices at or past the allocated count {count} while lower \
+             indices are unused: QEMU or VirtualBox would allocate over them"
+        ));
+    }
     let count_wrong = count != hdr.blocks_allocated;
     if count_wrong {
         r.corruptions += 1;
@@ -55,11 +69,14 @@ pub fn check(file: HostFile, hdr: Header, repair: Repair) -> Result<CheckReport>
             hdr.blocks_allocated
         ));
     }
-    if fix && (count_wrong || !bad.is_empty()) {
+    if fix && (count_wrong || !bad.is_empty() || above > 0) {
+        let mut entries = read_entries(&file, &hdr)?;
         for &b in &bad {
             file.write_all_at(&FREE.to_le_bytes(), hdr.offset_bmap as u64 + b as u64 * 4)?;
+            entries[b] = FREE;
         }
         file.sync()?;
+        compact(&file, &hdr, &mut entries)?;
         let mut h = hdr.clone();
         h.blocks_allocated = count;
         file.write_all_at(&h.to_bytes(), 0)?;

@@ -1,6 +1,7 @@
 //! `imgfs create -f vdi -o static=on|off IMAGE SIZE`: VirtualBox's layout with 1 MiB blocks
 //! (the only size QEMU reads). A static image maps every block in order and reserves the
-//! file's full length (sparse on the host, as QEMU makes it).
+//! file's full length (sparse on the host, as QEMU makes it). Block data starts on a 1 MiB
+//! boundary, as in VirtualBox's images.
 
 use super::header::{self, TYPE_DYNAMIC, TYPE_STATIC};
 use super::map::{bmap_bytes, FREE};
@@ -10,6 +11,8 @@ use crate::host::HostFile;
 use crate::options::opt_bool;
 
 const BLOCK_SIZE: u32 = 1 << 20;
+/// Where block data starts: VirtualBox's alignment (`VDI_DATA_ALIGN`).
+const DATA_ALIGN: u64 = 1 << 20;
 
 pub fn create(file: &HostFile, opts: &CreateOpts) -> Result<()> {
     let mut is_static = false;
@@ -44,7 +47,13 @@ pub fn create(file: &HostFile, opts: &CreateOpts) -> Result<()> {
     } else {
         (TYPE_DYNAMIC, 0)
     };
-    let h = header::build(kind, opts.size, BLOCK_SIZE, blocks, allocated, ids);
+    let mut h = header::build(kind, opts.size, BLOCK_SIZE, blocks, allocated, ids);
+    // Block data on a 1 MiB boundary, as VirtualBox places it (QEMU puts it right after the
+    // map, 512 bytes off a page boundary, which makes every 4 KiB guest write a
+    // read-modify-write of two host pages: docs/performance.md). QEMU reads any sector-aligned
+    // data offset.
+    let data = (header::HEADER_LEN as u64 + bmap_bytes(blocks)).next_multiple_of(DATA_ALIGN);
+    h[0x158..0x15c].copy_from_slice(&(data as u32).to_le_bytes());
     let bmap: Vec<u8> = (0..blocks)
         .flat_map(|i| if is_static { i } else { FREE }.to_le_bytes())
         .chain(std::iter::repeat(0xff))
@@ -52,9 +61,8 @@ pub fn create(file: &HostFile, opts: &CreateOpts) -> Result<()> {
         .collect();
     file.write_all_at(&h, 0)?;
     file.write_all_at(&bmap, header::HEADER_LEN as u64)?;
-    if is_static {
-        let end = header::HEADER_LEN as u64 + bmap.len() as u64 + blocks as u64 * BLOCK_SIZE as u64;
-        file.set_len(end)?;
-    }
-    Ok(())
+    // The file reaches the data area (sparse), as VirtualBox makes it; a static image holds
+    // every block.
+    let blocks_held = if is_static { blocks as u64 } else { 0 };
+    file.set_len(data + blocks_held * BLOCK_SIZE as u64)
 }

@@ -107,11 +107,29 @@ impl VdiMap {
         };
         // Entries at or past the blocks the file holds fail their own reads.
         let held = (file_len.saturating_sub(map.hdr.offset_data as u64)).div_ceil(map.bs);
-        let (count, max_next) = map.scan(held)?;
+        let (count, mut max_next) = map.scan(held)?;
+        if !read_only && max_next > count {
+            // An unused index below a used one: QEMU and VirtualBox would overwrite a block.
+            let mut entries = read_entries(&map.file, &map.hdr)?;
+            if sound(&entries, &map.hdr, held) {
+                let moved = compact(&map.file, &map.hdr, &mut entries)?;
+                log::warn!(
+                    "{}: moved {moved} VDI block(s) down into unused indices left by a power cut",
+                    map.file.path().display()
+                );
+                max_next = count;
+            }
+        }
         {
             let mut a = map.alloc.lock();
             a.count = count;
-            a.next = max_next.max(map.hdr.blocks_allocated.min(held as u32));
+            // Read-write: the next index is the count (used indices are 0..count now), never
+            // a header count above it, which would leave a hole QEMU would later fill wrongly.
+            a.next = if read_only {
+                max_next.max(map.hdr.blocks_allocated.min(held as u32))
+            } else {
+                max_next
+            };
             map.next.store(a.next as u64, Ordering::SeqCst);
             if !read_only && a.count != a.count_on_disk {
                 // A power cut between the map and the header write: fix the count now.
@@ -432,6 +450,75 @@ impl BlockMap for VdiMap {
             ..Default::default()
         }
     }
+}
+
+/// Every block map entry, as stored.
+pub fn read_entries(file: &HostFile, hdr: &Header) -> Result<Vec<u32>> {
+    let mut raw = vec![0u8; hdr.blocks_in_image as usize * 4];
+    file.read_exact_at(&mut raw, hdr.offset_bmap as u64)?;
+    Ok(raw.chunks_exact(4).map(|c| le32(c, 0)).collect())
+}
+
+/// Whether every data entry names a distinct index below `held` (the blocks the file holds)
+/// and the image's block count.
+pub fn sound(entries: &[u32], hdr: &Header, held: u64) -> bool {
+    let mut seen = vec![false; hdr.blocks_in_image as usize];
+    entries.iter().all(|&e| match classify(e) {
+        Entry::Block(i) if (i as u64) < held && i < hdr.blocks_in_image => {
+            !std::mem::replace(&mut seen[i as usize], true)
+        }
+        Entry::Block(_) => false,
+        _ => true,
+    })
+}
+
+/// Make the used block indices exactly `0..count` again. QEMU and VirtualBox hand out the next
+/// block at the header's allocated count, so an unused index below a used one (a power cut kept
+/// a later allocation's map entry but lost an earlier one's, or tore a map page) would make them
+/// overwrite a block in use. Each block at or above the count is copied into a hole below it;
+/// all copies are synced before any map entry (4 bytes, one sector) is switched, then those are
+/// synced: a cut anywhere leaves every entry pointing at its data. `entries` must be `sound`;
+/// returns how many blocks moved (the caller rewrites the header's count).
+pub fn compact(file: &HostFile, hdr: &Header, entries: &mut [u32]) -> Result<u32> {
+    let bs = hdr.block_size as u64;
+    let data = hdr.offset_data as u64;
+    let index = |e: u32| match classify(e) {
+        Entry::Block(i) => Some(i),
+        _ => None,
+    };
+    let count = entries.iter().filter_map(|&e| index(e)).count();
+    let mut used = vec![false; count];
+    let mut above = vec![];
+    for (pos, &e) in entries.iter().enumerate() {
+        match index(e) {
+            Some(i) if (i as usize) < count => used[i as usize] = true,
+            Some(_) => above.push(pos),
+            None => {}
+        }
+    }
+    let holes = (0..count as u32).filter(|&i| !used[i as usize]);
+    let moves: Vec<(usize, u32)> = above.into_iter().zip(holes).collect();
+    let mut buf = vec![0u8; bs.min(1 << 20) as usize];
+    for &(pos, to) in &moves {
+        let (src, dst) = (data + entries[pos] as u64 * bs, data + to as u64 * bs);
+        let mut done = 0;
+        while done < bs {
+            let n = (bs - done).min(buf.len() as u64) as usize;
+            file.read_zerofill(&mut buf[..n], src + done)?;
+            file.write_all_at(&buf[..n], dst + done)?;
+            done += n as u64;
+        }
+    }
+    if moves.is_empty() {
+        return Ok(0);
+    }
+    file.sync()?;
+    for &(pos, to) in &moves {
+        file.write_all_at(&to.to_le_bytes(), hdr.offset_bmap as u64 + pos as u64 * 4)?;
+        entries[pos] = to;
+    }
+    file.sync()?;
+    Ok(moves.len() as u32)
 }
 
 /// Sector-aligned size of a block map of `blocks` entries.

@@ -12,8 +12,9 @@
 //! 28 max table entries, 32 block size, 36 checksum, 40 parent unique id, 56 parent time stamp,
 //! 64 parent name (UTF-16BE, 512 bytes), 576 eight parent locators.
 //!
-//! A block is allocated where the footer is: the new footer is written past the new block and
-//! synced, then the bitmap overwrites the old footer, and only after the next sync (of the
+//! A block is allocated where the footer is (padded so that its data starts on a 4 KiB
+//! boundary): the new footer is written past the new block and synced, then the bitmap (after
+//! zeros over the old footer) overwrites the old footer, and only after the next sync (of the
 //! guest data) does the BAT entry reach the disk. A power cut leaves at worst an unreferenced
 //! block, never an entry pointing at garbage.
 
@@ -21,7 +22,7 @@ use super::footer::{DiskType, Footer, SECTOR};
 use super::parent::{self, Locator, LOCATORS, LOCATOR_AT, MAX_LOCATOR_LEN};
 use crate::cache::{store_after_sync, TableCache, TableIo};
 use crate::error::{Error, Result};
-use crate::format::{BackingRef, Below, BlockMap, Extent, FormatStats, ImageInfo};
+use crate::format::{is_zero, BackingRef, Below, BlockMap, Extent, FormatStats, ImageInfo};
 use crate::formats::{be32, be64};
 use crate::host::HostFile;
 use parking_lot::Mutex;
@@ -32,6 +33,10 @@ pub const HEADER_LEN: usize = 1024;
 pub const UNALLOCATED: u32 = 0xFFFF_FFFF;
 /// BAT bytes per cache page.
 const PAGE: u64 = 4096;
+/// Host page size block data is aligned to.
+const HOST_PAGE: u64 = 4096;
+/// A write's edge sectors read from the parent: (first sector, bytes) per run.
+type Edges = Vec<(u64, Vec<u8>)>;
 /// Largest block size accepted (QEMU accepts any power of two; 2 MiB is the norm).
 pub const MAX_BLOCK_SIZE: u32 = 256 << 20;
 
@@ -376,65 +381,109 @@ impl DynMap {
         )
     }
 
-    /// Copy from below every sector about to be marked present that the write does not fully
-    /// cover and that is not present yet.
-    #[allow(clippy::too_many_arguments)]
+    /// The sectors a write marks present without covering them whole: the rest of its 4 KiB
+    /// bitmap groups, at most two runs (one when no sector is covered whole), as [start, end).
+    fn edge_runs(&self, inb: u64, n: u64) -> Vec<(u64, u64)> {
+        let (m0, m1) = self.marked_sectors(inb, n);
+        let (full0, full1) = (inb.div_ceil(SECTOR), (inb + n) / SECTOR);
+        if full0 >= full1 {
+            return vec![(m0, m1)];
+        }
+        [(m0, full0), (full1, m1)]
+            .into_iter()
+            .filter(|(s, e)| s < e)
+            .collect()
+    }
+
+    /// The parent's bytes of a write's edge sectors (`edge_runs`), read before the allocation
+    /// lock so that other writers do not wait on the parent. They stay valid: what lies below
+    /// an image does not change while it is open, and under the lock only the sectors still
+    /// absent from this image are written from them.
+    fn read_edges(&self, idx: u64, inb: u64, n: u64, below: &dyn Below) -> Result<Edges> {
+        let guest_block = idx * self.geo.block_size;
+        self.edge_runs(inb, n)
+            .into_iter()
+            .map(|(s, e)| {
+                let len = (e - s) * SECTOR;
+                let guest = guest_block + s * SECTOR;
+                let mut buf = vec![0u8; len as usize];
+                if !below.zeros_below(guest, len) {
+                    let inside = self.virtual_size.saturating_sub(guest).min(len) as usize;
+                    below.read_below(guest, &mut buf[..inside])?;
+                }
+                Ok((s, buf))
+            })
+            .collect()
+    }
+
+    /// Under the allocation lock: write the prefetched parent bytes of every edge sector that
+    /// is not present yet, at `data` (the block's data area). `fresh`: the data area reads as
+    /// zeros already (a new block), so zero runs are skipped.
     fn fill_edges(
         &self,
         present: &dyn Fn(u64) -> Result<bool>,
         data: u64,
-        guest_block: u64,
-        inb: u64,
-        n: u64,
-        below: &dyn Below,
+        edges: &Edges,
+        fresh: bool,
     ) -> Result<()> {
-        let (m0, m1) = self.marked_sectors(inb, n);
-        let (full0, full1) = (inb.div_ceil(SECTOR), (inb + n) / SECTOR);
-        let mut s = m0;
-        while s < m1 {
-            if (full0..full1).contains(&s) {
-                s = full1;
-                continue;
+        for (first, bytes) in edges {
+            let end = first + bytes.len() as u64 / SECTOR;
+            let mut s = *first;
+            while s < end {
+                if present(s)? {
+                    s += 1;
+                    continue;
+                }
+                let mut e = s + 1;
+                while e < end && !present(e)? {
+                    e += 1;
+                }
+                let run = &bytes[((s - first) * SECTOR) as usize..((e - first) * SECTOR) as usize];
+                if !(fresh && is_zero(run)) {
+                    self.file.write_all_at(run, data + s * SECTOR)?;
+                }
+                s = e;
             }
-            // A run of sectors to fill, read from below in one go.
-            let mut e = s;
-            while e < m1 && !(full0..full1).contains(&e) && !present(e)? {
-                e += 1;
-            }
-            if e == s {
-                s += 1;
-                continue;
-            }
-            let len = (e - s) * SECTOR;
-            let mut buf = vec![0u8; len as usize];
-            let guest = guest_block + s * SECTOR;
-            let inside = self.virtual_size.saturating_sub(guest).min(len) as usize;
-            below.read_below(guest, &mut buf[..inside])?;
-            self.file.write_all_at(&buf, data + s * SECTOR)?;
-            s = e;
         }
         Ok(())
     }
 
     /// Differencing: mark the sectors of a write into an allocated block present, first filling
-    /// partial sectors from the parent.
+    /// the sectors around it from the parent (read before the lock).
     fn mark_present(&self, idx: u64, host: u64, inb: u64, n: u64, below: &dyn Below) -> Result<()> {
         let (s0, s1) = self.marked_sectors(inb, n);
         let (all, len) = self.bitmap_run(host, s0 * SECTOR, (s1 - s0) * SECTOR)?;
         if all && len >= (s1 - s0) * SECTOR {
             return Ok(());
         }
+        let edges = self.read_edges(idx, inb, n, below)?;
         let _a = self.alloc.lock();
         let present = |s: u64| -> Result<bool> { Ok(self.bitmap_run(host, s * SECTOR, SECTOR)?.0) };
-        let data = host + self.geo.bitmap_size;
-        self.fill_edges(&present, data, idx * self.geo.block_size, inb, n, below)?;
+        self.fill_edges(&present, host + self.geo.bitmap_size, &edges, false)?;
         self.io.needs_sync.store(true, Ordering::SeqCst);
         self.bitmaps
             .with_mut(&self.io, host, |bm| Self::set_bits(bm, s0, s1))
     }
 
+    /// Where a block goes when the footer is at `end`: there, or a little further so that its
+    /// data (after the sector bitmap) starts on a 4 KiB boundary. Unaligned data makes every
+    /// 4 KiB guest write a read-modify-write of two host pages (docs/performance.md); the spec
+    /// lets blocks lie anywhere, and Xen's blktap places them the same way.
+    pub fn block_start(g: &Geo, end: u64) -> u64 {
+        if g.block_size.is_multiple_of(HOST_PAGE) {
+            (end + g.bitmap_size).next_multiple_of(HOST_PAGE) - g.bitmap_size
+        } else {
+            end
+        }
+    }
+
     /// Allocate block `idx` at the end of the file for a write of `n` bytes at `inb`.
     fn allocate(&self, idx: u64, inb: u64, n: u64, below: &dyn Below) -> Result<Extent> {
+        let edges = if self.diff {
+            self.read_edges(idx, inb, n, below)?
+        } else {
+            Vec::new()
+        };
         let mut end = self.alloc.lock();
         let (e, _) = self.entry_run(idx, 1)?;
         if e != UNALLOCATED {
@@ -442,7 +491,7 @@ impl DynMap {
             return self.map_write(idx * self.geo.block_size + inb, n, below);
         }
         let g = self.geo;
-        let host = *end;
+        let host = Self::block_start(&g, *end);
         let new_end = host + g.bitmap_size + g.block_size;
         if new_end / SECTOR > u32::MAX as u64 {
             return Err(Error::new(
@@ -453,17 +502,19 @@ impl DynMap {
         // 1. The footer past the new block, durable before the old one is overwritten.
         self.file.write_all_at(&self.footer.to_bytes(), new_end)?;
         self.file.sync()?;
-        // 2. The bitmap over the old footer; the data area past it reads as zeros.
-        let mut bm = vec![0u8; g.bitmap_size as usize];
+        // 2. The bitmap (after zeros over the old footer, when the block starts further on);
+        // the data area past it reads as zeros.
+        let pad = (host - *end) as usize;
+        let mut bm = vec![0u8; pad + g.bitmap_size as usize];
         if self.diff {
             let data = host + g.bitmap_size;
-            self.fill_edges(&|_| Ok(false), data, idx * g.block_size, inb, n, below)?;
+            self.fill_edges(&|_| Ok(false), data, &edges, true)?;
             let (s0, s1) = self.marked_sectors(inb, n);
-            Self::set_bits(&mut bm, s0, s1);
+            Self::set_bits(&mut bm[pad..], s0, s1);
         } else {
-            bm.fill(0xff);
+            bm[pad..].fill(0xff);
         }
-        self.file.write_all_at(&bm, host)?;
+        self.file.write_all_at(&bm, *end)?;
         *end = new_end;
         self.data_end.store(new_end, Ordering::SeqCst);
         // 3. The BAT entry, stored only after the next sync.

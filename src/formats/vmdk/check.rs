@@ -1,6 +1,7 @@
-//! `imgfs check` for VMDK: per sparse extent, directory entries and grain tables that point
-//! outside the file, GD/RGD and GT/RGT disagreement, grains inside the metadata or used twice,
-//! and leaked space (bytes past the metadata no table points at).
+//! `imgfs check` for VMDK: per sparse extent (KDMV or COWD), directory entries and grain tables
+//! that point outside the file, GD/RGD and GT/RGT disagreement, grains inside the metadata or
+//! used twice, and leaked space (bytes past the metadata no table points at); per seSparse
+//! extent, entries of unknown type, tables and grains outside the file, grains used twice.
 //!
 //! Repairs: `-r leaks` punches leaked space (and trims it at the end of the file) and brings
 //! redundant tables a crash left out of date up to their primaries; `-r all` also drops entries
@@ -8,6 +9,7 @@
 
 use super::descriptor::{Descriptor, Kind};
 use super::read_sparse_header;
+use super::sesparse::SeSparse;
 use super::sparse::{read_dir, Header, GTE_ZEROED, SECTOR};
 use crate::error::{Error, Result};
 use crate::format::{CheckReport, Repair};
@@ -36,7 +38,11 @@ pub fn check(file: HostFile, repair: Repair) -> Result<CheckReport> {
         .parent()
         .unwrap_or(std::path::Path::new("."))
         .to_path_buf();
-    for e in d.extents.iter().filter(|e| e.kind == Kind::Sparse) {
+    for e in d
+        .extents
+        .iter()
+        .filter(|e| matches!(e.kind, Kind::Sparse | Kind::SeSparse))
+    {
         // Only plain names beside the descriptor: check opens no file the policy would refuse.
         if e.file.contains('/') || e.file.starts_with('.') {
             return Err(Error::unsupported(format!(
@@ -45,10 +51,25 @@ pub fn check(file: HostFile, repair: Repair) -> Result<CheckReport> {
             )));
         }
         let f = HostFile::open(&dir.join(&e.file), repair != Repair::None)?;
-        let h = read_sparse_header(&f).map_err(|x| x.in_file(f.path()))?;
-        check_sparse(&f, &h, repair, &mut r).map_err(|x| x.in_file(f.path()))?;
+        let checked = if e.kind == Kind::SeSparse {
+            check_sesparse(&f, &mut r)
+        } else {
+            super::read_grain_header(&f).and_then(|(h, _, _)| check_sparse(&f, &h, repair, &mut r))
+        };
+        checked.map_err(|x| x.in_file(f.path()))?;
     }
     Ok(r)
+}
+
+/// seSparse extents are read-only: problems are reported, never repaired.
+fn check_sesparse(file: &HostFile, r: &mut CheckReport) -> Result<()> {
+    let se = SeSparse::open(0, file.clone(), crate::format::DEFAULT_CACHE_SIZE)?;
+    let (problems, allocated) = se.check()?;
+    r.total_clusters += (se.hdr.capacity * SECTOR).div_ceil(se.grain_bytes());
+    r.allocated_clusters += allocated;
+    r.corruptions += problems.len() as u64;
+    r.messages.extend(problems);
+    Ok(())
 }
 
 fn read_table(file: &HostFile, sector: u64, n: usize) -> Result<Vec<u32>> {

@@ -8,6 +8,7 @@
 //!  createType="monolithicSparse"
 //!  parentFileNameHint="base.vmdk"    only in a delta disk
 //!  RW 204800 SPARSE "disk.vmdk"      access, sectors, type, file [, offset in sectors]
+//!                                    types: SPARSE, VMFSSPARSE, SESPARSE, FLAT, VMFS, ZERO
 //!  ddb.adapterType = "ide"
 //! ```
 
@@ -29,7 +30,11 @@ pub enum Access {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
+    /// `SPARSE` or `VMFSSPARSE`: a KDMV or COWD grain file (told apart by its magic, as QEMU
+    /// does).
     Sparse,
+    /// `SESPARSE`: an ESXi space-efficient sparse file.
+    SeSparse,
     Flat,
     Zero,
 }
@@ -95,10 +100,11 @@ fn parse_extent(line: &str) -> Result<ExtentLine> {
     };
     let sectors: u64 = words[1].parse().map_err(|_| bad("bad sector count"))?;
     let kind = match words[2] {
-        "SPARSE" => Kind::Sparse,
+        "SPARSE" | "VMFSSPARSE" => Kind::Sparse,
+        "SESPARSE" => Kind::SeSparse,
         "FLAT" | "VMFS" => Kind::Flat,
         "ZERO" => Kind::Zero,
-        "VMFSSPARSE" | "SESPARSE" | "VMFSRAW" | "VMFSRDM" => {
+        "VMFSRAW" | "VMFSRDM" => {
             return Err(Error::unsupported(format!(
                 "VMDK extent type {} is not supported",
                 words[2]
@@ -123,7 +129,7 @@ fn parse_extent(line: &str) -> Result<ExtentLine> {
     if kind != Kind::Zero && file.is_empty() {
         return Err(bad("empty file name"));
     }
-    if kind == Kind::Sparse && offset != 0 {
+    if matches!(kind, Kind::Sparse | Kind::SeSparse) && offset != 0 {
         return Err(bad("sparse extents take no offset"));
     }
     Ok(ExtentLine {
@@ -299,6 +305,21 @@ mod tests {
         let n = d.with_cid(0xdeadbeef);
         assert_eq!(n.len(), t.len());
         assert_eq!(Descriptor::parse(n.as_bytes()).unwrap().cid, 0xdeadbeef);
+    }
+
+    #[test]
+    fn esx_delta_extent_types() {
+        let t = "# Disk DescriptorFile\nCID=fffffffe\nparentCID=1a2b3c4d\n\
+                 createType=\"vmfsSparse\"\nRW 8 VMFSSPARSE \"d-delta.vmdk\"\n\
+                 RW 8 SESPARSE \"d-sesparse.vmdk\"\n";
+        let d = Descriptor::parse(t.as_bytes()).unwrap();
+        let kinds: Vec<Kind> = d.extents.iter().map(|e| e.kind).collect();
+        assert_eq!(kinds, [Kind::Sparse, Kind::SeSparse]);
+        assert_eq!(d.extents[0].type_name, "VMFSSPARSE");
+        for bad in ["RW 8 SESPARSE \"x\" 4", "RW 8 VMFSRDM \"x\""] {
+            let t = format!("createType=\"x\"\nCID=1\n{bad}\n");
+            assert!(Descriptor::parse(t.as_bytes()).is_err(), "{bad}");
+        }
     }
 
     #[test]

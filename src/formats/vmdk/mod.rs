@@ -1,6 +1,7 @@
-//! VMDK (VMware): a text descriptor listing extents (sparse `KDMV` grain files, flat files,
-//! zero runs), embedded in a sparse extent or standalone; split disks (2 GiB files), delta disks
-//! over a parent (`parentFileNameHint`, `parentCID`), streamOptimized (compressed) extents.
+//! VMDK (VMware): a text descriptor listing extents (sparse `KDMV` grain files, ESX `COWD` and
+//! ESXi seSparse delta files, flat files, zero runs), embedded in a sparse extent or standalone;
+//! split disks (2 GiB files), delta disks over a parent (`parentFileNameHint`, `parentCID`),
+//! streamOptimized (compressed) extents.
 //!
 //! ```text
 //!  guest:  | extent 0 (SPARSE a-s001) | extent 1 (SPARSE a-s002) | extent 2 (FLAT f 0) | ...
@@ -9,10 +10,12 @@
 //! ```
 
 mod check;
+pub mod cowd;
 mod create;
 pub mod descriptor;
 mod flat;
 pub mod ova;
+pub mod sesparse;
 pub mod sparse;
 mod stream;
 
@@ -25,7 +28,8 @@ use crate::host::HostFile;
 use descriptor::{Access, Descriptor, Kind, NO_PARENT};
 use flat::Flat;
 use parking_lot::Mutex;
-use sparse::{Header, Sparse, SECTOR};
+use sesparse::SeSparse;
+use sparse::{FreeSector, Header, Sparse, SECTOR};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -53,7 +57,10 @@ impl Format for Vmdk {
 }
 
 enum Body {
+    /// KDMV (hosted sparse, streamOptimized) or COWD (ESX vmfsSparse).
     Sparse(Box<Sparse>),
+    /// ESXi seSparse: read-only.
+    SeSparse(Box<SeSparse>),
     Flat(Flat),
     Zero,
 }
@@ -64,6 +71,9 @@ struct Ext {
     len: u64,
     access: Access,
     body: Body,
+    /// Which descriptor extent line this is, and what its file turned out to be (for `info`).
+    line: usize,
+    kind: &'static str,
 }
 
 /// Where the descriptor text lives, for the CID update on the first write.
@@ -81,8 +91,9 @@ pub struct VmdkMap {
     exts: Vec<Ext>,
     size: u64,
     read_only: bool,
-    /// A compressed (streamOptimized) extent: served read-only.
-    compressed: bool,
+    /// Why the format serves this image read-only whatever the mount asked (a compressed
+    /// streamOptimized or an seSparse extent), if it does.
+    format_read_only: Option<&'static str>,
     cid_written: AtomicBool,
     cid_lock: Mutex<u32>,
 }
@@ -106,6 +117,35 @@ pub fn read_sparse_header(file: &HostFile) -> Result<Header> {
     stream::effective_header(file, Header::parse(&b)?)
 }
 
+/// The header of a grain file named by a `SPARSE` or `VMFSSPARSE` line, told apart by its
+/// magic as QEMU does: KDMV, or ESX COWD translated to the same shape (with its free-sector
+/// field). Also what the file is, for `info`.
+pub fn read_grain_header(file: &HostFile) -> Result<(Header, Option<FreeSector>, &'static str)> {
+    let mut b = [0u8; cowd::HEADER_LEN];
+    let n = file.read_at(&mut b, 0)?;
+    if !b[..n].starts_with(cowd::MAGIC) {
+        let h = read_sparse_header(file)?;
+        let kind = if h.compressed() {
+            "KDMV stream"
+        } else {
+            "KDMV"
+        };
+        return Ok((h, None, kind));
+    }
+    if n < cowd::HEADER_LEN {
+        return Err(Error::corrupt("COWD extent shorter than its header"));
+    }
+    let h = cowd::CowdHeader::parse(&b)?;
+    // Rewritten only once imgfs allocates past both the field and the file's end: a session
+    // without writes leaves the header alone.
+    let recorded = (h.free_sector as u64).max(file.len()?.div_ceil(SECTOR));
+    let free = FreeSector {
+        at: cowd::FREE_SECTOR_AT,
+        recorded: std::sync::atomic::AtomicU64::new(recorded),
+    };
+    Ok((h.as_sparse(), Some(free), "COWD"))
+}
+
 /// The descriptor embedded in a sparse extent, if any.
 fn embedded_descriptor(file: &HostFile, h: &Header) -> Result<Option<Descriptor>> {
     if h.desc_offset == 0 || h.desc_size == 0 {
@@ -117,10 +157,19 @@ fn embedded_descriptor(file: &HostFile, h: &Header) -> Result<Option<Descriptor>
 
 impl VmdkMap {
     fn open(file: HostFile, ctx: &OpenCtx) -> Result<VmdkMap> {
-        let mut head = [0u8; 4];
+        let mut head = [0u8; 8];
         let n = file.read_at(&mut head, 0)?;
+        let head = &head[..n];
+        if head.starts_with(cowd::MAGIC) || head == sesparse::CONST_MAGIC.to_le_bytes() {
+            // QEMU opens a bare COWD file but then finds no CID in it and fails; a delta's
+            // parent is named only in its descriptor.
+            return Err(Error::unsupported(
+                "an ESX delta extent (COWD / seSparse) by itself: open the descriptor .vmdk \
+                 that names it (and its parent)",
+            ));
+        }
         let per_cache = |n: usize| ctx.cache_size / n.max(1) as u64;
-        let (desc, desc_loc, exts, files) = if head[..n].starts_with(sparse::MAGIC) {
+        let (desc, desc_loc, exts, files) = if head.starts_with(sparse::MAGIC) {
             // A monolithic sparse file: the extent is the file itself; the embedded descriptor
             // gives the CID, parent and DDB.
             let h = read_sparse_header(&file)?;
@@ -139,12 +188,19 @@ impl VmdkMap {
                 room: Some(h.desc_size * SECTOR),
             };
             let len = h.capacity * SECTOR;
-            let sp = Sparse::open(0, file.clone(), h, len, ctx.cache_size)?;
+            let kind = if h.compressed() {
+                "KDMV stream"
+            } else {
+                "KDMV"
+            };
+            let sp = Sparse::open(0, file.clone(), (h, None), len, ctx.cache_size)?;
             let ext = Ext {
                 start: 0,
                 len,
                 access: Access::Rw,
                 body: Body::Sparse(Box::new(sp)),
+                line: 0,
+                kind,
             };
             (desc, loc, vec![ext], vec![file.clone()])
         } else {
@@ -159,14 +215,17 @@ impl VmdkMap {
             (desc, loc, exts, files)
         };
         let size = exts.last().map_or(0, |e| e.start + e.len);
-        let compressed = exts
-            .iter()
-            .any(|e| matches!(&e.body, Body::Sparse(s) if s.hdr.compressed()));
-        if compressed && !ctx.read_only {
-            log::warn!(
-                "{}: streamOptimized VMDK (compressed grains): served read-only",
-                file.path().display()
-            );
+        let format_read_only = exts.iter().find_map(|e| match &e.body {
+            Body::Sparse(s) if s.hdr.compressed() => {
+                Some("streamOptimized VMDK (compressed grains)")
+            }
+            Body::SeSparse(_) => {
+                Some("VMDK seSparse extent (ESXi snapshot delta; QEMU does not write these either)")
+            }
+            _ => None,
+        });
+        if let Some(why) = format_read_only.filter(|_| !ctx.read_only) {
+            log::warn!("{}: {why}: served read-only", file.path().display());
         }
         Ok(VmdkMap {
             cid_lock: Mutex::new(desc.cid),
@@ -175,8 +234,8 @@ impl VmdkMap {
             files,
             exts,
             size,
-            read_only: ctx.read_only || compressed,
-            compressed,
+            read_only: ctx.read_only || format_read_only.is_some(),
+            format_read_only,
             cid_written: AtomicBool::new(false),
         })
     }
@@ -196,9 +255,9 @@ impl VmdkMap {
         let sparse_count = desc
             .extents
             .iter()
-            .filter(|e| e.kind == Kind::Sparse)
+            .filter(|e| matches!(e.kind, Kind::Sparse | Kind::SeSparse))
             .count();
-        for line in &desc.extents {
+        for (line_no, line) in desc.extents.iter().enumerate() {
             let len = line.sectors * SECTOR;
             if len == 0 {
                 continue;
@@ -216,21 +275,33 @@ impl VmdkMap {
                 by_name.insert(&line.file, n);
                 n
             };
-            let body = match line.kind {
-                Kind::Zero => Body::Zero,
-                Kind::Flat => Body::Flat(Flat::new(file_no, line.offset, len)?),
+            let f = &files[file_no as usize];
+            let fits = |capacity: u64| {
+                if capacity < line.sectors {
+                    return Err(Error::corrupt(format!(
+                        "VMDK extent {:?} holds {capacity} sectors but the descriptor gives it {}",
+                        line.file, line.sectors
+                    ))
+                    .in_file(f.path()));
+                }
+                Ok(())
+            };
+            let (body, kind) = match line.kind {
+                Kind::Zero => (Body::Zero, "zero"),
+                Kind::Flat => (Body::Flat(Flat::new(file_no, line.offset, len)?), "flat"),
                 Kind::Sparse => {
-                    let f = files[file_no as usize].clone();
-                    let h = read_sparse_header(&f).map_err(|e| e.in_file(f.path()))?;
-                    if h.capacity < line.sectors {
-                        return Err(Error::corrupt(format!(
-                            "VMDK extent {:?} holds {} sectors but the descriptor gives it {}",
-                            line.file, h.capacity, line.sectors
-                        )));
-                    }
-                    let sp = Sparse::open(file_no, f.clone(), h, len, per_cache(sparse_count))
+                    let (h, free, kind) = read_grain_header(f).map_err(|e| e.in_file(f.path()))?;
+                    fits(h.capacity)?;
+                    let sp =
+                        Sparse::open(file_no, f.clone(), (h, free), len, per_cache(sparse_count))
+                            .map_err(|e| e.in_file(f.path()))?;
+                    (Body::Sparse(Box::new(sp)), kind)
+                }
+                Kind::SeSparse => {
+                    let se = SeSparse::open(file_no, f.clone(), per_cache(sparse_count))
                         .map_err(|e| e.in_file(f.path()))?;
-                    Body::Sparse(Box::new(sp))
+                    fits(se.hdr.capacity)?;
+                    (Body::SeSparse(Box::new(se)), "seSparse")
                 }
             };
             exts.push(Ext {
@@ -238,6 +309,8 @@ impl VmdkMap {
                 len,
                 access: line.access,
                 body,
+                line: line_no,
+                kind,
             });
             start += len;
         }
@@ -263,10 +336,9 @@ impl VmdkMap {
 
     fn check_write(&self, e: &Ext) -> Result<()> {
         if self.read_only {
-            return Err(Error::read_only(if self.compressed {
-                "streamOptimized VMDK images are served read-only"
-            } else {
-                "VMDK image is open read-only"
+            return Err(Error::read_only(match self.format_read_only {
+                Some(why) => format!("{why}: served read-only"),
+                None => "VMDK image is open read-only".into(),
             }));
         }
         if e.access != Access::Rw {
@@ -341,16 +413,26 @@ impl BlockMap for VmdkMap {
         let lines: Vec<serde_json::Value> = d
             .extents
             .iter()
-            .map(|e| {
+            .enumerate()
+            .map(|(i, e)| {
+                // What the file turned out to be (KDMV, COWD, seSparse, flat, zero).
+                let kind = self.exts.iter().find(|x| x.line == i).map(|x| x.kind);
                 serde_json::json!({
                     "access": format!("{:?}", e.access).to_uppercase(),
                     "sectors": e.sectors, "type": e.type_name, "file": e.file,
-                    "offset": e.offset,
+                    "offset": e.offset, "format": kind,
                 })
             })
             .collect();
         m.insert("extents".into(), lines.into());
         let mut grain = 0;
+        if let Some(s) = self.exts.iter().find_map(|e| match &e.body {
+            Body::SeSparse(s) => Some(s),
+            _ => None,
+        }) {
+            grain = s.grain_bytes();
+            m.insert("grain_size".into(), grain.into());
+        }
         if let Some(s) = self.exts.iter().find_map(|e| match &e.body {
             Body::Sparse(s) => Some(s),
             _ => None,
@@ -383,6 +465,7 @@ impl BlockMap for VmdkMap {
             Body::Zero => Ok(Extent::Zero { len }),
             Body::Flat(f) => Ok(f.map(rel, len)),
             Body::Sparse(s) => s.map_read(rel, len).map_err(|err| err.at(off)),
+            Body::SeSparse(s) => s.map_read(rel, len).map_err(|err| err.at(off)),
         }
     }
 
@@ -405,6 +488,7 @@ impl BlockMap for VmdkMap {
             Body::Zero => Err(Error::read_only("VMDK ZERO extents cannot be written")),
             Body::Flat(f) => Ok(f.map(rel, len)),
             Body::Sparse(s) => s.map_write(rel, len, off, below),
+            Body::SeSparse(_) => Err(Error::read_only("VMDK seSparse extents are read-only")),
         }
     }
 
@@ -459,20 +543,24 @@ impl BlockMap for VmdkMap {
     }
 
     fn writable(&self) -> bool {
-        !self.compressed
+        self.format_read_only.is_none()
     }
 
     fn stats(&self) -> FormatStats {
         let mut st = FormatStats::default();
         for e in &self.exts {
-            if let Body::Sparse(s) = &e.body {
-                let c = s.cache_stats();
-                st.cache.hits += c.hits;
-                st.cache.misses += c.misses;
-                st.cache.evictions += c.evictions;
-                st.cache.writebacks += c.writebacks;
-                st.clusters_allocated += s.grains_allocated.load(Ordering::Relaxed);
-            }
+            let c = match &e.body {
+                Body::Sparse(s) => {
+                    st.clusters_allocated += s.grains_allocated.load(Ordering::Relaxed);
+                    s.cache_stats()
+                }
+                Body::SeSparse(s) => s.cache_stats(),
+                _ => continue,
+            };
+            st.cache.hits += c.hits;
+            st.cache.misses += c.misses;
+            st.cache.evictions += c.evictions;
+            st.cache.writebacks += c.writebacks;
         }
         st
     }

@@ -7,8 +7,8 @@
 //!  GD[i] -> GT (sector)   GT[j] = 0 unallocated | 1 zeroed grain (flag bit 2) | grain sector
 //! ```
 //!
-//! Write order (flush): grains and their fills -> sync -> GTs (and their RGT copies) -> sync ->
-//! GD and RGD entries of new tables -> sync. A GT is never written before the grains it points
+//! Write order (flush): grains and their fills (and, for COWD, the header's free sector past
+//! them) -> sync -> GTs (and their RGT copies) -> sync -> GD and RGD entries of new tables -> sync. A GT is never written before the grains it points
 //! at are durable (`GtIo::store` syncs first), and a GD entry never before its new GT.
 
 use super::stream;
@@ -189,6 +189,14 @@ fn dir_bytes(d: &[u32]) -> Vec<u8> {
     d.iter().flat_map(|e| e.to_le_bytes()).collect()
 }
 
+/// A header field naming the next free sector (COWD's `freeSector`), kept past every grain.
+pub struct FreeSector {
+    /// Byte offset of the u32 field in the extent file.
+    pub at: u64,
+    /// The value on disk.
+    pub recorded: AtomicU64,
+}
+
 /// Loads and stores grain tables keyed by their GD index; a store writes the GT and its
 /// redundant copy, after syncing the grains it may point at.
 struct GtIo {
@@ -196,6 +204,26 @@ struct GtIo {
     gd: Arc<RwLock<Vec<u32>>>,
     rgd: Arc<RwLock<Vec<u32>>>,
     needs_sync: AtomicBool,
+    /// The allocator's end (shared with `Sparse::end`).
+    end: Arc<AtomicU64>,
+    free: Option<FreeSector>,
+}
+
+impl GtIo {
+    /// Make the grains written so far durable, so that tables may point at them. A free-sector
+    /// field is raised past them first: the same sync makes it durable before any table.
+    fn sync_grains(&self) -> Result<()> {
+        if let Some(f) = &self.free {
+            let sector = self.end.load(Ordering::SeqCst) / SECTOR;
+            if sector > f.recorded.load(Ordering::SeqCst) {
+                // Bounded by the allocator: an extent never grows past 2 TiB.
+                self.file
+                    .write_all_at(&(sector as u32).to_le_bytes(), f.at)?;
+                f.recorded.store(sector, Ordering::SeqCst);
+            }
+        }
+        self.file.sync()
+    }
 }
 
 impl TableIo for GtIo {
@@ -205,7 +233,7 @@ impl TableIo for GtIo {
     }
     fn store(&self, idx: u64, buf: &[u8]) -> Result<()> {
         if self.needs_sync.swap(false, Ordering::SeqCst) {
-            if let Err(e) = self.file.sync() {
+            if let Err(e) = self.sync_grains() {
                 self.needs_sync.store(true, Ordering::SeqCst);
                 return Err(e);
             }
@@ -220,13 +248,24 @@ impl TableIo for GtIo {
     }
 }
 
-/// What one GT entry says.
+/// What one GT entry says (KDMV, COWD and seSparse alike).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Entry {
+pub(super) enum Entry {
     Unalloc,
     Zero,
     /// Grain at this byte offset in the file.
     Grain(u64),
+}
+
+impl Entry {
+    /// Whether entry `e`, `n` grains of `grain` bytes after this one, continues this one's run:
+    /// the same kind, and for grains the next ones on disk.
+    pub(super) fn continued_by(self, e: Entry, n: usize, grain: u64) -> bool {
+        match (self, e) {
+            (Entry::Grain(a), Entry::Grain(b)) => b == a + n as u64 * grain,
+            (a, b) => a == b,
+        }
+    }
 }
 
 struct Alloc {
@@ -250,17 +289,18 @@ pub struct Sparse {
     io: GtIo,
     alloc: Mutex<Alloc>,
     /// Copy of `Alloc::end` for lock-free validation of entries.
-    end: AtomicU64,
+    end: Arc<AtomicU64>,
     pub grains_allocated: AtomicU64,
 }
 
 impl Sparse {
     /// Open a sparse extent whose header is `hdr` (the footer's, for a stream-optimized
-    /// extent whose directory is at the end).
+    /// extent whose directory is at the end; a translated one for COWD, with its free-sector
+    /// field in `free`).
     pub fn open(
         file_no: u32,
         file: HostFile,
-        hdr: Header,
+        (hdr, free): (Header, Option<FreeSector>),
         len: u64,
         cache_size: u64,
     ) -> Result<Sparse> {
@@ -274,6 +314,7 @@ impl Sparse {
         };
         let (gd, rgd) = (Arc::new(RwLock::new(gd)), Arc::new(RwLock::new(rgd)));
         let end = file_len.div_ceil(SECTOR) * SECTOR;
+        let shared_end = Arc::new(AtomicU64::new(end));
         Ok(Sparse {
             file_no,
             cache: TableCache::new(hdr.gt_bytes() as usize, cache_size),
@@ -282,12 +323,14 @@ impl Sparse {
                 gd: gd.clone(),
                 rgd: rgd.clone(),
                 needs_sync: AtomicBool::new(false),
+                end: shared_end.clone(),
+                free,
             },
             gd,
             rgd,
             gd_dirty: AtomicBool::new(false),
             alloc: Mutex::new(Alloc { end, file_len }),
-            end: AtomicU64::new(end),
+            end: shared_end,
             grains_allocated: AtomicU64::new(0),
             file,
             hdr,
@@ -369,11 +412,7 @@ impl Sparse {
                 let mut n = 1;
                 while n < grains && !compressed {
                     let e = self.classify(le32(t, (first + n) * 4), end)?;
-                    let contiguous = match (e0, e) {
-                        (Entry::Grain(a), Entry::Grain(b)) => b == a + n as u64 * g,
-                        (a, b) => a == b,
-                    };
-                    if !contiguous {
+                    if !e0.continued_by(e, n, g) {
                         break;
                     }
                     n += 1;
@@ -472,6 +511,9 @@ impl Sparse {
         let run_end = gstart + n * g;
         let host = a.end;
         let host_end = host + n * g;
+        if host_end / SECTOR > u32::MAX as u64 {
+            return Err(Error::unsupported("VMDK extent would grow past 2 TiB"));
+        }
         let data_end = (off + len).min(run_end);
         self.fill(&a, host, gstart, off - gstart, kinds[0], cow)?;
         let tail = data_end - gstart;
@@ -590,7 +632,7 @@ impl Sparse {
     /// Write back tables and directories in the safe order, syncing between steps.
     pub fn flush(&self) -> Result<()> {
         let _a = self.alloc.lock();
-        self.file.sync()?;
+        self.io.sync_grains()?;
         self.io.needs_sync.store(false, Ordering::SeqCst);
         if self.cache.is_dirty() {
             self.cache.flush(&self.io)?;
