@@ -269,13 +269,54 @@ pub fn imgfs_check(imgfs: &Path, fmt: &str, img: &Path, leaks_ok: bool) -> Resul
     }
 }
 
+/// `qemu-img check`: 0 clean; 3 (leaks only) when `leaks_ok`. For QED, exactly the leaks QEMU
+/// miscounts on every large file ([`qemu_qed_phantom_leaks`]) count as clean.
 pub fn qemu_check(fmt: &str, img: &Path, leaks_ok: bool) -> Result<(), String> {
     let (code, out) = sh("qemu-img", &["check", "-f", fmt, s(img)])?;
     if code == 0 || (leaks_ok && code == 3) {
-        Ok(())
-    } else {
-        Err(format!("qemu-img check exited {code}: {}", out.trim()))
+        return Ok(());
     }
+    if code == 3 && fmt == "qed" {
+        let (_, json) = sh("qemu-img", &["check", "--output=json", "-f", fmt, s(img)])?;
+        let leaks = json_field(&json, "leaks");
+        let phantom = qemu_qed_phantom_leaks(img)?;
+        if json_field(&json, "corruptions") == 0 && leaks == phantom {
+            return Ok(());
+        }
+        return Err(format!(
+            "qemu-img check exited {code} ({leaks} leaks, {phantom} of them QEMU's miscount): {}",
+            out.trim()
+        ));
+    }
+    Err(format!("qemu-img check exited {code}: {}", out.trim()))
+}
+
+/// A number field of `qemu-img check --output=json` (absent = 0).
+fn json_field(text: &str, key: &str) -> u64 {
+    let json = text.find('{').map_or("", |i| &text[i..]);
+    serde_json::from_str::<serde_json::Value>(json)
+        .ok()
+        .and_then(|v| v.get(key).and_then(|n| n.as_u64()))
+        .unwrap_or(0)
+}
+
+/// The clusters QEMU's QED check reports as leaked in a file where every cluster is referenced:
+/// its `qed_bytes_to_clusters` (block/qed.h) divides by `cluster_size - 1`, not `cluster_size`,
+/// so the leak scan runs over n + n / (cluster_size - 1) clusters for a file of n clusters and
+/// the bits it marks are spread over that range (cluster k lands on k + k / (cluster_size - 1)).
+/// Every QED file of at least cluster_size - 1 clusters (16 MiB with 4 KiB clusters, 4 GiB with
+/// 64 KiB) shows n / (cluster_size - 1) leaks more than it has; real leaks add to that.
+pub fn qemu_qed_phantom_leaks(img: &Path) -> Result<u64, String> {
+    let f = File::open(img).map_err(|e| format!("{}: {e}", img.display()))?;
+    let mut h = [0u8; 8];
+    f.read_exact_at(&mut h, 0)
+        .map_err(|e| format!("{}: {e}", img.display()))?;
+    let cs = u64::from(u32::from_le_bytes([h[4], h[5], h[6], h[7]]));
+    let len = f.metadata().map_err(|e| e.to_string())?.len();
+    if cs < 2 {
+        return Err(format!("{}: QED cluster size {cs}", img.display()));
+    }
+    Ok(len / cs / (cs - 1))
 }
 
 fn qemu_raw(fmt: Option<&str>, img: &Path, out: &Path) -> Result<Vec<u8>, String> {
@@ -1179,4 +1220,51 @@ fn run_case(case: &cases::Case, args: &Args, seed: u64) -> Result<String, String
         "{done} ops in {epochs} epochs ({}), {remounts} remounts, {verifies} full read-backs, {crashes} kill -9 rounds",
         counters.summary()
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Finding 4 (docs/reliability.md): a QED file that QEMU itself wrote, every cluster
+    /// referenced once, still gets n / (cluster_size - 1) leaks from `qemu-img check`. The tester
+    /// accepts exactly that many, and no more: one truly leaked cluster still fails.
+    #[test]
+    fn qemu_qed_miscount_is_tolerated_and_real_leaks_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("t.qed");
+        let img_s = img.to_str().unwrap();
+        sh_ok(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qed",
+                "-o",
+                "cluster_size=4096",
+                img_s,
+                "48M",
+            ],
+        )
+        .unwrap();
+        // 17 MiB of data: 4,369 clusters in the file with header, L1 and three L2 tables.
+        sh_ok("qemu-io", &["-f", "qed", "-c", "write 0 17M", img_s]).unwrap();
+        let len = std::fs::metadata(&img).unwrap().len();
+        assert_eq!(len / 4096, 4369);
+        assert_eq!(qemu_qed_phantom_leaks(&img).unwrap(), 1);
+        let (code, out) = sh("qemu-img", &["check", "--output=json", "-f", "qed", img_s]).unwrap();
+        assert_eq!((code, json_field(&out, "leaks")), (3, 1), "{out}");
+        qemu_check("qed", &img, false).unwrap();
+        // One cluster nothing references, at the end of the file: a real leak.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&img)
+            .unwrap()
+            .set_len(len + 4096)
+            .unwrap();
+        let e = qemu_check("qed", &img, false).unwrap_err();
+        assert!(e.contains("2 leaks, 1 of them QEMU's miscount"), "{e}");
+        qemu_check("qed", &img, true).unwrap();
+    }
 }
