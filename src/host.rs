@@ -45,6 +45,9 @@ pub trait HostBackend: Send + Sync {
     fn direct_writes(&self) -> u64 {
         0
     }
+    /// A hint before a buffered guest-data write of `len` bytes at `off`: start reading the
+    /// partial pages at its edges (nothing where the backend has no page cache).
+    fn prefetch_edges(&self, _off: u64, _len: u64) {}
 }
 
 /// Alignment of offset, length and memory for direct writes (covers every logical block size
@@ -255,6 +258,8 @@ impl HostFile {
                 Err(e) => return Err(self.err("write failed", off, e)),
             }
         }
+        // Guest data only: metadata writes land in pages the tables were just read from.
+        self.backend.prefetch_edges(off, buf.len() as u64);
         self.write_all_at(buf, off)
     }
 
@@ -419,7 +424,7 @@ impl RealFile {
     /// for the partial edge pages first with readahead(2), which only starts the reads: both go to
     /// the disk as one request, and for a long write they overlap with the copy of the rest.
     /// Page-aligned writes, the norm, skip it; for pages already cached it is a lookup.
-    fn prefetch_edges(&self, off: u64, len: u64) {
+    fn read_ahead_edges(&self, off: u64, len: u64) {
         const PAGE: u64 = 4096;
         let end = off + len;
         let (head, tail) = (!off.is_multiple_of(PAGE), !end.is_multiple_of(PAGE));
@@ -448,11 +453,13 @@ impl RealFile {
 }
 
 impl HostBackend for RealFile {
+    fn prefetch_edges(&self, off: u64, len: u64) {
+        self.read_ahead_edges(off, len);
+    }
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
         self.file.read_at(buf, off)
     }
     fn write_all_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
-        self.prefetch_edges(off, buf.len() as u64);
         self.file.write_all_at(buf, off)
     }
     fn sync(&self) -> io::Result<()> {
